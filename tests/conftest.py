@@ -1,0 +1,24 @@
+"""Shared test setup: offline, Ray without an auth token, and the real fixtures of ../shared."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = Path(os.environ.get("STGR_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The real clips and annotation files of ../shared/fixtures (never copied into the repo)."""
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip(f"real fixtures not found at {SHARED_FIXTURES} (set STGR_FIXTURES)")
+    return SHARED_FIXTURES
