@@ -47,6 +47,7 @@ CLAIM_SCORE = pa.struct(
         ("gt_name", pa.string()),
         ("iou", pa.float64()),
         ("dt", pa.float64()),
+        ("verified", pa.bool_()),
     ]
 )
 SCORES = pa.struct(
@@ -58,6 +59,10 @@ SCORES = pa.struct(
         ("answer_ok", pa.bool_()),
         ("claims", pa.list_(CLAIM_SCORE)),
         ("verify", pa.float64()),
+        ("problems", pa.list_(pa.string())),
+        ("num_matched", pa.int64()),
+        ("answer_pred", pa.string()),
+        ("answer_score", pa.float64()),
     ]
 )
 PROVENANCE = pa.struct(
