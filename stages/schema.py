@@ -71,7 +71,8 @@ PROVENANCE = pa.struct(
         ("model", pa.string()),
         ("prompt_sha", pa.string()),
         ("build_id", pa.string()),
-        ("stage_fingerprints", pa.map_(pa.string(), pa.string())),
+        # a list of pairs, not an Arrow map: `datasets` cannot load map columns
+        ("stage_fingerprints", pa.list_(pa.struct([("stage", pa.string()), ("fingerprint", pa.string())]))),
     ]
 )
 

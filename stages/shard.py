@@ -1,0 +1,288 @@
+"""`shard`: the last stage. Split the filtered records into `stgr-cot` (SFT) and `stgr-rl` (RL),
+write Parquet shards, a `manifest.json` and a dataset card under `<run>/dataset/`.
+
+Why a barrier: shard sizes, shard counts (`-of-000NN`) and the manifest's totals need every record,
+so this stage runs once on all upstream partitions. Why a stable hash of the id for the split: the
+same record lands in the same split on every rebuild and every machine, so an RL set never leaks into
+the SFT set when a build is extended. The dataset directory is written under a temporary name and
+renamed into place, so a killed build leaves either the previous dataset or the new one, never half.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import posixpath
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.registry import register_stage
+from pipeline.stage import LEDGER_SCHEMA, Stage, StageResult, UnitContext
+from stages.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, conform
+
+#: Split value in the `split` column -> dataset sub-directory (the names of the released STGR sets).
+SPLIT_DIRS: dict[str, str] = {"sft": "stgr-cot", "rl": "stgr-rl"}
+
+
+def split_of(ids: pa.Array | list[str], rl_fraction: float, salt: str = "") -> np.ndarray:
+    """`"rl"` or `"sft"` per id, from a 64-bit BLAKE2 hash of salt + id.
+
+    The hash depends on nothing but the id and the salt, so the assignment of a record never changes
+    when other records are added or removed, or when partitioning changes.
+    """
+    values = ids.to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else list(ids)
+    prefix = salt.encode()
+    draws = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(prefix + v.encode(), digest_size=8).digest(), "big") for v in values),
+        dtype=np.uint64, count=len(values),
+    )
+    threshold = np.uint64(min(int(rl_fraction * 2.0**64), 2**64 - 1)) if rl_fraction < 1.0 else None
+    is_rl = np.ones(len(values), dtype=bool) if threshold is None else draws < threshold
+    return np.where(is_rl, "rl", "sft")
+
+
+def _with_provenance(table: pa.Table, ctx: UnitContext) -> pa.Table:
+    """Fill `provenance.build_id` where empty and `provenance.stage_fingerprints` from the engine."""
+    n = table.num_rows
+    prov = table.column("provenance").combine_chunks()
+    fields = {f.name: (prov.field(f.name) if n else pa.array([], f.type)) for f in PROVENANCE}
+    build_ids = pc.fill_null(fields["build_id"], ctx.build_id) if n else fields["build_id"]
+    fingerprints = dict(getattr(ctx, "fingerprints", {}) or {})
+    fp_type = PROVENANCE.field("stage_fingerprints").type
+    if fingerprints:
+        fp = pa.array([sorted(fingerprints.items())] * n, type=fp_type)
+    else:
+        fp = fields["stage_fingerprints"]
+    arrays = [fields[f.name] for f in PROVENANCE]
+    names = [f.name for f in PROVENANCE]
+    arrays[names.index("build_id")] = build_ids
+    arrays[names.index("stage_fingerprints")] = fp
+    struct = pa.StructArray.from_arrays(arrays, fields=list(PROVENANCE))
+    return table.set_column(table.schema.get_field_index("provenance"), "provenance", struct)
+
+
+def _counts(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
+    """Rows per combination of `keys`, sorted, as plain dicts (for JSON and the card)."""
+    if table.num_rows == 0:
+        return []
+    grouped = table.select(keys).group_by(keys).aggregate([([], "count_all")]).to_pylist()
+    rows = [{**{k: r[k] for k in keys}, "rows": r["count_all"]} for r in grouped]
+    return sorted(rows, key=lambda r: tuple("" if r[k] is None else str(r[k]) for k in keys))
+
+
+def read_ledger(fs: pafs.FileSystem, run_path: str, fingerprints: Mapping[str, str]) -> pa.Table:
+    """Every ledger row the given (stage, fingerprint) units committed, as one table.
+
+    Only the fingerprints of this build count: a run directory keeps the ledgers of older configs
+    too (they are reused when the config goes back), and counting them would double the rejections.
+    """
+    tables = []
+    for stage, fingerprint in sorted(fingerprints.items()):
+        directory = posixpath.join(run_path, "ledger", stage, fingerprint)
+        if fs.get_file_info(directory).type != pafs.FileType.Directory:
+            continue
+        files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(directory))
+                       if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
+        if files:
+            tables.append(pads.dataset(files, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA).to_table())
+    return pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
+
+
+def ledger_counts(ledger: pa.Table) -> list[dict[str, Any]]:
+    """Rejections per (stage, rule), with one example reason each, most frequent first."""
+    if ledger.num_rows == 0:
+        return []
+    grouped = ledger.group_by(["stage", "rule"], use_threads=False).aggregate([([], "count_all"), ("reason", "first")]).to_pylist()
+    rows = [{"stage": r["stage"], "rule": r["rule"], "rows": r["count_all"], "example": r["reason_first"]}
+            for r in grouped]
+    return sorted(rows, key=lambda r: (r["stage"], -r["rows"], r["rule"]))
+
+
+def _encode_parquet(table: pa.Table, compression: str) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def _markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "_none_\n"
+    cells = [[str(r.get(c, "")).replace("|", "\\|").replace("\n", " ") for c in columns] for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def dataset_card(manifest: Mapping[str, Any]) -> str:
+    """The dataset's README.md: Hugging Face card metadata (one config per split) and the manifest's
+    tables, so the card says what is inside without opening a shard."""
+    header = {
+        "configs": [
+            {"config_name": name, "data_files": [{"split": "train", "path": f"{name}/train-*.parquet"}]}
+            for name in SPLIT_DIRS.values()
+        ],
+        "task_categories": ["video-text-to-text"],
+        "tags": ["stgr", "video-reasoning", "spatio-temporal-grounding"],
+    }
+    splits = [{"dataset": name, "split": split, "rows": manifest["splits"][name]["rows"],
+               "shards": len(manifest["splits"][name]["shards"]),
+               "bytes": sum(s["bytes"] for s in manifest["splits"][name]["shards"])}
+              for split, name in SPLIT_DIRS.items()]
+    shards = [{"file": s["path"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]}
+              for name in SPLIT_DIRS.values() for s in manifest["splits"][name]["shards"]]
+    return "\n".join([
+        "---",
+        yaml.safe_dump(header, sort_keys=False).rstrip(),
+        "---",
+        f"# STGR dataset `{manifest['build_id']}`",
+        "",
+        "Spatio-temporal grounded video reasoning examples: each row holds a question, a reasoning trace "
+        "whose claims name boxes (`[x1, y1, x2, y2]` normalised to the source frame) and times (seconds on "
+        "the source video's timeline), and an answer. Built by `stgr build`; every column is described in "
+        f"the project's `docs/schema.md` (schema version {manifest['schema_version']}).",
+        "",
+        "```python",
+        "import pandas as pd",
+        "sft = pd.read_parquet(\"stgr-cot\")   # or datasets.load_dataset(\"parquet\", data_dir=\"stgr-cot\")",
+        "```",
+        "",
+        "## Splits",
+        "",
+        _markdown_table(splits, ["dataset", "split", "rows", "shards", "bytes"]),
+        "## Rows per task",
+        "",
+        _markdown_table(manifest["counts"]["task"], ["split", "task", "rows"]),
+        "## Rows per source",
+        "",
+        _markdown_table(manifest["counts"]["source"], ["split", "source", "rows"]),
+        "## Rejected records (ledger)",
+        "",
+        "A record is listed once per rule it failed, so one record may count under several rules.",
+        "",
+        _markdown_table(manifest["ledger"], ["stage", "rule", "rows", "example"]),
+        "## Files",
+        "",
+        _markdown_table(shards, ["file", "rows", "bytes", "sha256"]),
+    ])
+
+
+def _read_run_config(fs: pafs.FileSystem, run_path: str) -> dict[str, Any] | None:
+    path = posixpath.join(run_path, "config.yaml")
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return yaml.safe_load(io.BytesIO(stream.read()))
+
+
+def _existing_fingerprint(fs: pafs.FileSystem, directory: str) -> str | None:
+    path = posixpath.join(directory, "manifest.json")
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        try:
+            return json.loads(stream.read()).get("fingerprint")
+        except ValueError:
+            return None
+
+
+def _remove(fs: pafs.FileSystem, path: str) -> None:
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+@register_stage
+class Shard(Stage):
+    """Split by a stable hash, write Parquet shards + manifest + card; output: the records with `split`."""
+
+    name = "shard"
+    version = "1"
+    needs_all_input = True
+    key_types = {"rl_fraction": (float, int), "salt": str, "target_shard_mb": (float, int),
+                 "compression": str, "output": str}
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
+        problems = super().validate_config(config)
+        rl = config.get("rl_fraction", 0.5)
+        if isinstance(rl, (int, float)) and not 0.0 <= rl <= 1.0:
+            problems.append(f"rl_fraction: must lie in [0, 1], got {rl}")
+        size = config.get("target_shard_mb", 256)
+        if isinstance(size, (int, float)) and size <= 0:
+            problems.append(f"target_shard_mb: must be positive, got {size}")
+        output = config.get("output", "dataset")
+        if isinstance(output, str) and (not output or "/" in output or output.startswith(".")):
+            problems.append(f"output: must be a plain folder name under the run directory, got {output!r}")
+        return problems
+
+    def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
+        table = conform(table if table is not None else RECORD_SCHEMA.empty_table())
+        table = table.sort_by("id")
+        ids = table.column("id")
+        if pc.count_distinct(ids).as_py() != table.num_rows:
+            counts = pc.value_counts(ids).to_pylist()
+            dupes = sorted(c["values"] for c in counts if c["counts"] > 1)
+            raise ValueError(f"shard: {len(dupes)} record ids occur more than once upstream, e.g. {dupes[:5]}")
+        splits = split_of(ids.combine_chunks(), float(self.config.get("rl_fraction", 0.5)),
+                          str(self.config.get("salt", "") or ""))
+        table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
+        table = _with_provenance(table, ctx)
+        self.write_dataset(table, ctx)
+        return StageResult(table)
+
+    def write_dataset(self, table: pa.Table, ctx: UnitContext) -> None:
+        """Write shards, manifest and card to a temporary folder, then swap it into place."""
+        fs = ctx.filesystem
+        output = str(self.config.get("output", "dataset"))
+        final = posixpath.join(ctx.run_path, output)
+        if _existing_fingerprint(fs, final) == ctx.fingerprint:
+            return  # the same unit already committed this dataset: renaming again would change nothing
+        tmp = posixpath.join(ctx.run_path, f".{output}.tmp-{ctx.fingerprint}-{ctx.attempt}")
+        _remove(fs, tmp)
+        compression = str(self.config.get("compression", "zstd"))
+        target = float(self.config.get("target_shard_mb", 256)) * 2**20
+        splits_info: dict[str, Any] = {}
+        for split, dirname in SPLIT_DIRS.items():
+            part = table.filter(pc.equal(table.column("split"), split))
+            n_shards = max(1, math.ceil(part.nbytes / target))
+            bounds = np.linspace(0, part.num_rows, n_shards + 1).round().astype(int)
+            fs.create_dir(posixpath.join(tmp, dirname), recursive=True)
+            shards = []
+            for k in range(n_shards):
+                rel = f"{dirname}/train-{k:05d}-of-{n_shards:05d}.parquet"
+                data = _encode_parquet(part.slice(bounds[k], bounds[k + 1] - bounds[k]), compression)
+                with fs.open_output_stream(posixpath.join(tmp, rel)) as out:
+                    out.write(data)
+                shards.append({"path": rel, "rows": int(bounds[k + 1] - bounds[k]), "bytes": len(data),
+                               "sha256": hashlib.sha256(data).hexdigest()})
+            splits_info[dirname] = {"split": split, "rows": part.num_rows, "shards": shards}
+        fingerprints = dict(getattr(ctx, "fingerprints", {}) or {})
+        ledger = read_ledger(fs, ctx.run_path, {s: f for s, f in fingerprints.items() if s != ctx.stage})
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "build_id": ctx.build_id,
+            "fingerprint": ctx.fingerprint,
+            "stage_fingerprints": fingerprints,
+            "rows": table.num_rows,
+            "splits": splits_info,
+            "counts": {"task": _counts(table, ["split", "task"]), "source": _counts(table, ["split", "source"])},
+            "ledger": ledger_counts(ledger),
+            "config": _read_run_config(fs, ctx.run_path) or {ctx.stage: self.config},
+        }
+        with fs.open_output_stream(posixpath.join(tmp, "manifest.json")) as out:
+            out.write(json.dumps(manifest, indent=2, sort_keys=False, default=str).encode())
+        with fs.open_output_stream(posixpath.join(tmp, "README.md")) as out:
+            out.write(dataset_card(manifest).encode())
+        old = posixpath.join(ctx.run_path, f".{output}.old-{ctx.fingerprint}-{ctx.attempt}")
+        _remove(fs, old)
+        if fs.get_file_info(final).type == pafs.FileType.Directory:
+            fs.move(final, old)
+        fs.move(tmp, final)
+        _remove(fs, old)

@@ -1,0 +1,75 @@
+"""Records built by hand for the align/filter/shard/command tests, in exactly RECORD_SCHEMA.
+
+One moving "red circle" and one still "blue square" on a 320x240, 10 fps, 6 s video; frames sampled
+at 2 fps; exact ground-truth tracks at every native frame. Tests choose the trace, so every score the
+stages compute can be checked by hand.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from stages.schema import record_id
+
+WIDTH, HEIGHT, FPS, DURATION = 320, 240, 10.0, 6.0
+FRAME_TIMES = [round(0.5 * k, 3) for k in range(12)]  # 2 fps over 0..5.5 s
+
+
+def circle_box(t: float) -> list[float]:
+    """The red circle moves right by 0.1 of the frame per second, from x1 = 0.1."""
+    x1 = 0.1 + 0.1 * t
+    return [round(x1, 6), 0.2, round(x1 + 0.2, 6), 0.5]
+
+
+SQUARE_BOX = [0.6, 0.6, 0.8, 0.9]
+
+
+def jpeg(t: float) -> bytes:
+    """A frame that shows the ground truth (so a picture of it can be checked by eye)."""
+    img = np.full((HEIGHT, WIDTH, 3), 30, dtype=np.uint8)
+    x1, y1, x2, y2 = circle_box(t)
+    img[int(y1 * HEIGHT):int(y2 * HEIGHT), int(x1 * WIDTH):int(x2 * WIDTH)] = (220, 40, 40)
+    sx1, sy1, sx2, sy2 = SQUARE_BOX
+    img[int(sy1 * HEIGHT):int(sy2 * HEIGHT), int(sx1 * WIDTH):int(sx2 * WIDTH)] = (40, 40, 220)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def make_record(n: int = 0, *, task: str = "spatio_temporal", source: str = "synthetic",
+                with_jpeg: bool = False, **overrides: Any) -> dict[str, Any]:
+    """A complete record after `annotate`; `overrides` replace any column."""
+    track_times = [round(k / FPS, 3) for k in range(int(DURATION * FPS))]
+    record = {
+        "id": record_id(source, f"video{n:04d}", task),
+        "source": source,
+        "source_id": f"video{n:04d}",
+        "task": task,
+        "media": {"uri": f"/data/video{n:04d}.mp4", "kind": "video", "fps": FPS,
+                  "num_frames": int(DURATION * FPS), "duration_s": DURATION, "width": WIDTH, "height": HEIGHT},
+        "clip": {"start_s": 0.0, "end_s": 5.5},
+        "frames": [{"t_s": t, "index": int(round(t * FPS)), "jpeg": jpeg(t) if with_jpeg else None}
+                   for t in FRAME_TIMES],
+        "question": "Where is the red circle when it passes the middle?",
+        "options": None,
+        "answer": "It is in the middle of the frame.",
+        "answer_span": None,
+        "reasoning": None,
+        "key_frames": [{"t_s": 2.0, "objects": [{"name": "red circle", "box": circle_box(2.0)},
+                                                {"name": "blue square", "box": SQUARE_BOX}]}],
+        "gt": {"objects": [
+            {"name": "red circle", "track": [{"t_s": t, "box": circle_box(t)} for t in track_times]},
+            {"name": "blue square", "track": [{"t_s": t, "box": SQUARE_BOX} for t in track_times]},
+        ], "spans": [{"label": "red circle moves", "start_s": 0.0, "end_s": 5.9}]},
+        "response": None,
+        "split": None,
+        "scores": None,
+        "provenance": {"annotator": "template", "model": "template", "prompt_sha": "0" * 8,
+                       "build_id": None, "stage_fingerprints": None},
+        "meta": None,
+    }
+    record.update(overrides)
+    return record

@@ -1,0 +1,152 @@
+"""`shard`: stable split, shard files, manifest, card, atomic replacement, loadable by pandas and datasets."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.stage import LEDGER_SCHEMA, Rejection
+from pipeline.testing import unit_context
+from stages.schema import RECORD_SCHEMA, to_table
+from stages.shard import Shard, split_of
+from tests.record_factory import make_record
+
+FINGERPRINTS = {"source": "s" * 16, "sample": "a" * 16, "annotate": "n" * 16, "align": "l" * 16,
+                "filter": "t" * 16, "shard": "h" * 16}
+
+
+def _ctx(run: Path, fingerprint: str = "h" * 16, attempt: int = 1):
+    ctx = unit_context(run, stage="shard", fingerprint=fingerprint, attempt=attempt)
+    return dataclasses.replace(ctx, fingerprints={**FINGERPRINTS, "shard": fingerprint})
+
+
+def _records(n: int) -> pa.Table:
+    tasks = ["spatio_temporal", "temporal", "spatial"]
+    sources = ["synthetic", "vidstg"]
+    return to_table([make_record(i, task=tasks[i % 3], source=sources[i % 2], with_jpeg=(i < 4))
+                     for i in range(n)])
+
+
+def _write_ledger(run: Path, stage: str, fingerprint: str, rows: list[Rejection]) -> None:
+    directory = run / "ledger" / stage / fingerprint
+    directory.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([r.as_row(stage, 1) for r in rows], schema=LEDGER_SCHEMA)
+    pq.write_table(table, directory / "part-00000.parquet")
+
+
+def test_split_is_a_stable_function_of_the_id():
+    ids = [f"id{i:05d}" for i in range(4000)]
+    split = split_of(ids, 0.3)
+    assert 0.27 < (split == "rl").mean() < 0.33
+    # adding or removing other records never moves a record
+    assert list(split_of(ids[:50], 0.3)) == list(split[:50])
+    assert list(split_of(ids[::-1], 0.3)) == list(split[::-1])
+    assert set(split_of(ids, 0.0)) == {"sft"} and set(split_of(ids, 1.0)) == {"rl"}
+    assert (split_of(ids, 0.3, salt="other") != split).any()
+
+
+def test_writes_loadable_shards_manifest_and_card(tmp_path):
+    run = tmp_path / "run"
+    _write_ledger(run, "filter", FINGERPRINTS["filter"], [
+        Rejection(id="x1", rule="claim_iou", reason="claim IoU 0.1 < 0.5", value=0.1, threshold=0.5),
+        Rejection(id="x1", rule="time_in_clip", reason="t=9 outside clip", value=[9.0], threshold=0.0),
+        Rejection(id="x2", rule="claim_iou", reason="claim IoU 0.2 < 0.5", value=0.2, threshold=0.5),
+    ])
+    _write_ledger(run, "sample", FINGERPRINTS["sample"], [Rejection(id="x3", rule="unreadable", reason="moov atom not found")])
+    # a ledger of an older config of the same stage must not be counted
+    _write_ledger(run, "filter", "0" * 16, [Rejection(id="x9", rule="claim_iou", reason="old")])
+    table = _records(40)
+    stage = Shard({"rl_fraction": 0.5, "target_shard_mb": 0.05})
+    result = stage.process(table, _ctx(run))
+
+    out = result.table
+    assert out.schema == RECORD_SCHEMA
+    assert out.num_rows == 40 and set(out.column("split").to_pylist()) == {"sft", "rl"}
+    assert out.column("id").to_pylist() == sorted(table.column("id").to_pylist())
+    prov = out.column("provenance").to_pylist()
+    assert all({f["stage"]: f["fingerprint"] for f in p["stage_fingerprints"]} == FINGERPRINTS for p in prov)
+    assert all(p["build_id"] == "run" for p in prov)
+
+    dataset = run / "dataset"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["schema_version"] == "1.0" and manifest["rows"] == 40
+    total = 0
+    for name, split in [("stgr-cot", "sft"), ("stgr-rl", "rl")]:
+        info = manifest["splits"][name]
+        files = sorted(p.name for p in (dataset / name).iterdir())
+        n = len(info["shards"])
+        assert n > 1, "a 50 kB target must give several shards"
+        assert files == [f"train-{k:05d}-of-{n:05d}.parquet" for k in range(n)]
+        for shard in info["shards"]:
+            data = (dataset / shard["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
+        frame = pd.read_parquet(dataset / name)
+        assert len(frame) == info["rows"] == sum(s["rows"] for s in info["shards"])
+        assert set(frame["split"]) == {split}
+        assert frame["frames"].iloc[0][0]["t_s"] == 0.0  # nested columns come back as plain values
+        total += len(frame)
+    assert total == 40
+
+    by_task = {(c["split"], c["task"]): c["rows"] for c in manifest["counts"]["task"]}
+    assert sum(by_task.values()) == 40 and {t for _, t in by_task} == {"spatio_temporal", "temporal", "spatial"}
+    assert sum(c["rows"] for c in manifest["counts"]["source"]) == 40
+    ledger = {(r["stage"], r["rule"]): r["rows"] for r in manifest["ledger"]}
+    assert ledger == {("filter", "claim_iou"): 2, ("filter", "time_in_clip"): 1, ("sample", "unreadable"): 1}
+
+    card = (dataset / "README.md").read_text()
+    assert card.startswith("---\nconfigs:")
+    assert "| filter | claim_iou | 2 |" in card and "moov atom not found" in card
+    assert not [p for p in run.iterdir() if p.name.startswith(".dataset")], "temporary folders left behind"
+
+
+def test_loads_with_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    run = tmp_path / "run"
+    Shard({"rl_fraction": 0.25}).process(_records(12), _ctx(run))
+    cot = datasets.load_dataset("parquet", data_dir=str(run / "dataset" / "stgr-cot"), split="train",
+                                cache_dir=str(tmp_path / "hf"))
+    rl = datasets.load_dataset(str(run / "dataset"), "stgr-rl", split="train", cache_dir=str(tmp_path / "hf"))
+    assert len(cot) + len(rl) == 12 and set(rl["split"]) == {"rl"}
+    assert cot[0]["key_frames"][0]["objects"][0]["name"] in {"red circle", "blue square"}
+
+
+def test_replaces_a_previous_dataset_whole_and_is_idempotent(tmp_path):
+    run = tmp_path / "run"
+    Shard({"rl_fraction": 0.5}).process(_records(10), _ctx(run, fingerprint="1" * 16))
+    # debris of a killed attempt of the new unit
+    (run / f".dataset.tmp-{'2' * 16}-1" / "stgr-cot").mkdir(parents=True)
+    Shard({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16))
+    manifest = json.loads((run / "dataset" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == "2" * 16 and manifest["rows"] == 6
+    assert len(pd.read_parquet(run / "dataset" / "stgr-cot")) + len(pd.read_parquet(run / "dataset" / "stgr-rl")) == 6
+    assert sorted(p.name for p in run.iterdir()) == ["dataset"]
+
+    # a straggler of the same unit (same fingerprint) leaves the committed dataset untouched
+    before = {p: p.stat().st_mtime_ns for p in (run / "dataset").rglob("*")}
+    Shard({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16, attempt=2))
+    assert {p: p.stat().st_mtime_ns for p in (run / "dataset").rglob("*")} == before
+
+
+def test_empty_input_gives_an_empty_but_loadable_dataset(tmp_path):
+    run = tmp_path / "run"
+    Shard({}).process(to_table([]), _ctx(run))
+    assert len(pd.read_parquet(run / "dataset" / "stgr-rl")) == 0
+    assert json.loads((run / "dataset" / "manifest.json").read_text())["rows"] == 0
+
+
+def test_duplicate_ids_are_an_error(tmp_path):
+    rec = make_record(0)
+    with pytest.raises(ValueError, match="occur more than once"):
+        Shard({}).process(to_table([rec, rec]), _ctx(tmp_path / "run"))
+
+
+def test_config_validation():
+    assert Shard.validate_config({"rl_fraction": 0.3}) == []
+    problems = Shard.validate_config({"rl_fraction": 1.5, "target_shard_mb": 0, "output": "../x"})
+    assert [p.split(":")[0] for p in problems] == ["rl_fraction", "target_shard_mb", "output"]
