@@ -1,0 +1,479 @@
+"""The evidence grammar: parse and render grounded reasoning traces, parse answers, check format.
+
+A grounded trace names *what*, *where* and *when*:
+
+    <think>The <obj>man in black</obj><box>[0.412,0.205,0.587,0.931]</box>at<t>12.5</t>s lifts ...</think>
+    <answer>B</answer>
+
+This is the only module that reads or writes these tags; the annotator, align, filter, the RL rewards
+and evaluation all import it. docs/evidence.md gives the grammar in EBNF; what is accepted, exactly:
+
+* Tags are lower-case and written without spaces: `<think> </think> <answer> </answer> <obj> </obj>
+  <box> </box> <t> </t>`. Evidence tags (obj, box, t) must not nest in each other; think/answer must
+  not nest and appear at most once each.
+* A claim is `<obj>NAME</obj>`, then zero or more `<box>…</box>` (separated by nothing, white space or
+  commas), then optionally `at <t>…</t>` (the word `at`, or `@`, and the white space are optional; the
+  trailing `s` is optional too). A claim needs at least one box or a time. NAME is any text without
+  `<` or `>`; white space is collapsed. A time that is separated from the boxes by other words is not
+  bound to the claim (it stays in `Trace.times`).
+* A box holds four numbers, optionally inside `[...]` or `(...)`, separated by commas, semicolons or
+  white space: ints, decimals or exponents (`12`, `0.41`, `.5`, `1e-3`), signs allowed. The numbers
+  are read in the given `BoxFrame` and converted to canonical normalised xyxy.
+* A time holds seconds (`12`, `12.5`, with an optional `s`/`sec`/`seconds` unit inside the tag) or a
+  clock `m:ss(.f)` / `h:mm:ss(.f)`.
+* Claims and times are read from the `<think>` section when there is one, otherwise from the whole
+  text minus any `<answer>` section. Tag balance is checked over the whole text.
+
+Nothing here raises on any input string: what is wrong is reported as named `Problem`s (see
+`PROBLEMS`) and the parse goes on. Rendering (`render_claims`) does raise on bad claims: that is our
+own output and must be valid.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, NamedTuple, Sequence
+
+import numpy as np
+
+from stages.geometry import CANONICAL, BoxFrame, is_finite, is_inside
+
+PROBLEMS: dict[str, str] = {
+    "not_text": "the trace is not a string (e.g. a null in the column)",
+    "unbalanced_tag": "an opening tag without its closing tag, or a closing tag without an opening one",
+    "nested_tag": "an evidence tag inside another evidence tag, or think/answer inside another tag",
+    "duplicate_section": "more than one <think> or <answer> section",
+    "empty_object_name": "<obj></obj> with no name",
+    "ungrounded_object": "<obj>…</obj> followed by neither a box nor a time",
+    "box_without_object": "a <box> in the reasoning that does not follow an <obj>",
+    "box_arity": "a box with a number of values other than 4",
+    "box_not_numeric": "a box with something other than numbers in it",
+    "box_not_finite": "a box whose values overflow to infinity",
+    "box_out_of_range": "a box outside the image (outside [0, 1] once converted to the canonical frame)",
+    "time_not_numeric": "a <t> that holds no number of seconds or clock time",
+    "time_out_of_range": "a negative or non-finite time",
+}
+"""Every problem code `parse_trace` may report, with what it means."""
+
+Box = tuple[float, float, float, float]
+
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_SEP = r"(?:\s*[,;]\s*|\s+)"
+_BOX4 = re.compile(rf"\s*[\[(]?\s*({_NUM}){_SEP}({_NUM}){_SEP}({_NUM}){_SEP}({_NUM})\s*[\])]?\s*")
+_NUM_TOKEN = re.compile(_NUM)
+_BOX_SPLIT = re.compile(r"[\s,;\[\]()]+")
+_SECONDS = re.compile(rf"\s*({_NUM})\s*(?:s|secs?|seconds?)?\s*")
+_CLOCK = re.compile(r"\s*(?:(\d+):)?(\d+):(\d{1,2}(?:\.\d*)?)\s*(?:s|secs?|seconds?)?\s*")
+_TAG = re.compile(r"<(/?)(think|answer|obj|box|t)>")
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_CLAIM = re.compile(
+    r"<obj>(?P<name>[^<>]*)</obj>"
+    r"(?P<boxes>(?:[\s,]*<box>[^<>]*</box>)*)"
+    r"(?:[\s,]*(?:(?:at|@)\s*)?<t>(?P<t>[^<>]*)</t>)?"
+)
+_BOX_IN = re.compile(r"<box>([^<>]*)</box>")
+_TIME_TAG = re.compile(r"<t>([^<>]*)</t>")
+_EVIDENCE_TAGS = frozenset(("obj", "box", "t"))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One piece of evidence: an object name, its boxes (canonical xyxy) and when (seconds, or None).
+
+    Construction normalises: white space in the name is collapsed, boxes become tuples of 4 floats.
+    It raises ValueError on an empty name, a name with `<`/`>`, a box without 4 finite numbers or a
+    non-finite time, so a Claim can always be rendered.
+    """
+
+    name: str
+    boxes: tuple[Box, ...] = ()
+    t: float | None = None
+
+    def __post_init__(self) -> None:
+        name = " ".join(str(self.name).split())
+        if not name or "<" in name or ">" in name:
+            raise ValueError(f"claim name must be non-empty text without '<' or '>', got {self.name!r}")
+        boxes = []
+        for box in self.boxes:
+            values = tuple(float(v) for v in box)
+            if len(values) != 4 or not all(math.isfinite(v) for v in values):
+                raise ValueError(f"claim {name!r}: a box needs 4 finite numbers, got {box!r}")
+            boxes.append(values)
+        t = None if self.t is None else float(self.t)
+        if t is not None and not math.isfinite(t):
+            raise ValueError(f"claim {name!r}: time must be finite, got {self.t!r}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "boxes", tuple(boxes))
+        object.__setattr__(self, "t", t)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong in a trace: a code from PROBLEMS, a human-readable detail, a char offset."""
+
+    code: str
+    detail: str
+    offset: int = -1
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The parse of one response: claims in order, every time mentioned, and the problems found.
+
+    `think`/`answer` are the contents of those sections (None when absent); `times` holds every
+    well-formed `<t>` of the reasoning, bound to a claim or not, in order of appearance.
+    """
+
+    claims: tuple[Claim, ...] = ()
+    problems: tuple[Problem, ...] = ()
+    times: tuple[float, ...] = ()
+    think: str | None = None
+    answer: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def problem_codes(self) -> set[str]:
+        """The set of problem codes, for filter rules that reject on some codes only."""
+        return {p.code for p in self.problems}
+
+
+class Sections(NamedTuple):
+    """The contents of the first `<think>` and `<answer>` sections (stripped), None when absent."""
+
+    think: str | None
+    answer: str | None
+
+
+def split_sections(text: str) -> Sections:
+    """Extract the `<think>` and `<answer>` parts of a response (the first of each)."""
+    if not isinstance(text, str):
+        return Sections(None, None)
+    think = _THINK.search(text)
+    answer = _ANSWER.search(text)
+    return Sections(think.group(1).strip() if think else None, answer.group(1).strip() if answer else None)
+
+
+def parse_seconds(text: str) -> float | None:
+    """The seconds written inside a `<t>` (or a span end): `12`, `12.5s`, `1:02.5`, `1:00:02`; else None."""
+    m = _SECONDS.fullmatch(text)
+    if m:
+        return float(m.group(1))
+    m = _CLOCK.fullmatch(text)
+    if m:
+        hours = float(m.group(1) or 0)
+        return hours * 3600.0 + float(m.group(2)) * 60.0 + float(m.group(3))
+    return None
+
+
+def _check_tags(text: str, problems: list[Problem]) -> None:
+    """Balance and nesting of all tags, with one stack pass (a trace has tens of tags)."""
+    stack: list[tuple[str, int]] = []
+    sections: set[str] = set()
+    for m in _TAG.finditer(text):
+        closing, tag, pos = m.group(1), m.group(2), m.start()
+        if not closing:
+            if tag in _EVIDENCE_TAGS:
+                if stack and stack[-1][0] in _EVIDENCE_TAGS:
+                    problems.append(Problem("nested_tag", f"<{tag}> inside <{stack[-1][0]}>", pos))
+            else:
+                if stack:
+                    problems.append(Problem("nested_tag", f"<{tag}> inside <{stack[-1][0]}>", pos))
+                if tag in sections:
+                    problems.append(Problem("duplicate_section", f"a second <{tag}> section", pos))
+                sections.add(tag)
+            stack.append((tag, pos))
+        elif stack and stack[-1][0] == tag:
+            stack.pop()
+        elif any(open_tag == tag for open_tag, _ in stack):
+            while stack[-1][0] != tag:
+                open_tag, open_pos = stack.pop()
+                problems.append(Problem("unbalanced_tag", f"<{open_tag}> is never closed", open_pos))
+            stack.pop()
+        else:
+            problems.append(Problem("unbalanced_tag", f"</{tag}> closes nothing", pos))
+    for open_tag, open_pos in stack:
+        problems.append(Problem("unbalanced_tag", f"<{open_tag}> is never closed", open_pos))
+
+
+def _box_values(content: str, offset: int, problems: list[Problem]) -> list[float] | None:
+    m = _BOX4.fullmatch(content)
+    if m:
+        return [float(v) for v in m.groups()]
+    tokens = [tok for tok in _BOX_SPLIT.split(content) if tok]
+    bad = [tok for tok in tokens if not _NUM_TOKEN.fullmatch(tok)]
+    if bad:
+        problems.append(Problem("box_not_numeric", f"<box>{content}</box>: {bad[0]!r} is not a number", offset))
+    else:
+        problems.append(Problem("box_arity", f"<box>{content}</box> has {len(tokens)} values, not 4", offset))
+    return None
+
+
+def _reasoning_part(text: str, sections: Sections) -> tuple[str, int]:
+    """The text claims are read from, and its offset in `text` (for problem offsets)."""
+    if sections.think is not None:
+        m = _THINK.search(text)
+        return m.group(1), m.start(1)
+    return _ANSWER.sub(lambda a: " " * len(a.group(0)), text), 0
+
+
+def parse_trace(text: str, frame: BoxFrame = CANONICAL) -> Trace:
+    """Parse a response or a bare trace; boxes are read in `frame` and returned canonical.
+
+    Never raises: anything malformed becomes a Problem and is left out of the claims (a box outside
+    the image is kept in its claim, and reported, so that filters can decide).
+    """
+    if not isinstance(text, str):
+        return Trace(problems=(Problem("not_text", f"got {type(text).__name__}"),))
+    problems: list[Problem] = []
+    _check_tags(text, problems)
+    sections = split_sections(text)
+    body, base = _reasoning_part(text, sections)
+
+    times: list[float] = []
+    time_at: dict[int, float] = {}
+    for m in _TIME_TAG.finditer(body):
+        value = parse_seconds(m.group(1))
+        if value is None:
+            problems.append(Problem("time_not_numeric", f"<t>{m.group(1)}</t>", base + m.start()))
+        elif not math.isfinite(value) or value < 0:
+            problems.append(Problem("time_out_of_range", f"<t>{m.group(1)}</t> is {value} s", base + m.start()))
+        else:
+            times.append(value)
+            time_at[m.start(1)] = value
+
+    pending: list[tuple[str, list[int], float | None, int]] = []  # name, indices into raw, t, offset
+    raw: list[list[float]] = []
+    raw_offsets: list[int] = []
+    claimed_boxes: set[int] = set()
+    for m in _CLAIM.finditer(body):
+        pos = base + m.start()
+        name = " ".join(m.group("name").split())
+        t = time_at.get(m.start("t")) if m.group("t") is not None else None
+        box_matches = list(_BOX_IN.finditer(m.group("boxes")))
+        claimed_boxes.update(m.start("boxes") + bm.start() for bm in box_matches)
+        if not name:
+            problems.append(Problem("empty_object_name", m.group(0)[:80], pos))
+            continue
+        if not box_matches and m.group("t") is None:
+            problems.append(Problem("ungrounded_object", f"<obj>{name}</obj>", pos))
+            continue
+        indices = []
+        for bm in box_matches:
+            values = _box_values(bm.group(1), base + m.start("boxes") + bm.start(), problems)
+            if values is not None:
+                indices.append(len(raw))
+                raw.append(values)
+                raw_offsets.append(base + m.start("boxes") + bm.start())
+        pending.append((name, indices, t, pos))
+
+    if body.count("<box>") > len(claimed_boxes):
+        for bm in _BOX_IN.finditer(body):
+            if bm.start() not in claimed_boxes:
+                problems.append(Problem("box_without_object", bm.group(0), base + bm.start()))
+
+    canonical = frame.to_canonical(np.asarray(raw, dtype=np.float64).reshape(-1, 4))
+    finite = is_finite(canonical)
+    inside = is_inside(canonical)
+    values = canonical.tolist()
+    for i in np.flatnonzero(~finite):
+        problems.append(Problem("box_not_finite", f"{raw[i]} in frame {frame.name}", raw_offsets[i]))
+    for i in np.flatnonzero(finite & ~inside):
+        problems.append(
+            Problem("box_out_of_range", f"{raw[i]} in frame {frame.name} is {values[i]} canonical", raw_offsets[i])
+        )
+
+    claims = []
+    for name, indices, t, _pos in pending:
+        boxes = tuple(tuple(values[i]) for i in indices if finite[i])
+        if boxes or t is not None:
+            claims.append(Claim(name, boxes, t))  # type: ignore[arg-type]
+    problems.sort(key=lambda p: p.offset)
+    return Trace(tuple(claims), tuple(problems), tuple(times), sections.think, sections.answer)
+
+
+def render_claim(claim: Claim, frame: BoxFrame = CANONICAL) -> str:
+    """One claim as text: `<obj>name</obj><box>[…]</box>…at<t>12.5</t>s` with boxes written in `frame`."""
+    parts = [f"<obj>{claim.name}</obj>"]
+    if claim.boxes:
+        written = frame.from_canonical(np.asarray(claim.boxes, dtype=np.float64))
+        parts.extend(f"<box>{frame.format_box(box)}</box>" for box in written)
+    if claim.t is not None:
+        parts.append(f"at<t>{frame.format_time(claim.t)}</t>s")
+    return "".join(parts)
+
+
+def render_claims(claims: Iterable[Claim], frame: BoxFrame = CANONICAL, sep: str = " ") -> str:
+    """Claims as text in `frame` (the model's frame for training targets), joined by `sep`.
+
+    `parse_trace(render_claims(cs, f), f).claims == cs` up to `f.tolerance()` on boxes and
+    `0.5 * 10**-f.time_decimals` on times.
+    """
+    return sep.join(render_claim(c, frame) for c in claims)
+
+
+# --- answers -----------------------------------------------------------------------------------------
+
+
+def answer_text(text: str) -> str:
+    """The content of `<answer>` when the text has one, else the whole text, stripped."""
+    if not isinstance(text, str):
+        return ""
+    answer = split_sections(text).answer
+    return (answer if answer is not None else text).strip()
+
+
+_OPTION_PATTERNS = (
+    re.compile(r"[(\[]?([A-Z])[)\]]?[.:]?"),  # the whole answer: B  (B)  [B]  B.  B)
+    re.compile(r"[(\[]([A-Z])[)\]](?:\s|[.:]|$).*", re.S),  # (B) the red car
+    re.compile(r"([A-Z])[.:)](?:\s.*)?", re.S),  # B. the red car
+)
+_OPTION_KEYWORD = re.compile(r"(?i:correct\s+option|option|answer)(?:\s+(?i:is))?\s*[:：]?\s*[(\[]?([A-Z])(?![A-Za-z])")
+
+
+def parse_option_letter(text: str, num_options: int | None = None) -> str | None:
+    """The option letter an answer picks, or None.
+
+    Accepts (after taking `<answer>` content if present): `B`, `(B)`, `[B]`, `B.`, `B)`, `B:`,
+    `B. text`, `(B) text`, and `Option B` / `Answer: B` / `Correct Option: B` anywhere. Letters are
+    upper-case only, so that the article in "A man …" is not read as option A. With `num_options`,
+    a letter past the last option gives None.
+    """
+    body = answer_text(text)
+    letter = None
+    for pattern in _OPTION_PATTERNS:
+        m = pattern.fullmatch(body)
+        if m:
+            letter = m.group(1)
+            break
+    if letter is None:
+        found = _OPTION_KEYWORD.findall(body)
+        letter = found[-1] if found else None
+    if letter is not None and num_options is not None and ord(letter) - ord("A") >= num_options:
+        return None
+    return letter
+
+
+_TIME_VALUE = r"(\d+(?::\d{1,2}){1,2}(?:\.\d*)?|[-+]?(?:\d+\.?\d*|\.\d+))"
+_UNIT = r"\s*(?:s|secs?|seconds?)?"
+_SPAN_PATTERNS = (
+    re.compile(rf"<t>([^<>]*)</t>{_UNIT}\s*(?:to|-|–|~|and|until)\s*<t>([^<>]*)</t>"),
+    re.compile(rf"[\[(]\s*{_TIME_VALUE}{_UNIT}\s*[,;]\s*{_TIME_VALUE}{_UNIT}\s*[\])]"),
+    re.compile(rf"{_TIME_VALUE}{_UNIT}\s*(?:to|-|–|~|until)\s*{_TIME_VALUE}"),
+)
+
+
+def parse_time_span(text: str) -> tuple[float, float] | None:
+    """The time span an answer gives, in seconds, or None.
+
+    Accepts (in the `<answer>` content when present, first match wins): `<t>3.5</t>s to <t>7</t>s`
+    (also `-`, `–`, `~`, `and`, `until`), `[3.5, 7]` / `(3.5s, 7s)`, and `3.5s to 7s` / `3.5 - 7`.
+    Values may be clock times (`1:02.5`). The span is returned as written, even reversed: metrics
+    decide what a reversed span is worth.
+    """
+    body = answer_text(text)
+    for pattern in _SPAN_PATTERNS:
+        for m in pattern.finditer(body):
+            start, end = parse_seconds(m.group(1)), parse_seconds(m.group(2))
+            if start is not None and end is not None and math.isfinite(start) and math.isfinite(end):
+                return start, end
+    return None
+
+
+_BOX_ANSWER = (_BOX_IN, re.compile(rf"([\[(]\s*{_NUM}(?:{_SEP}{_NUM}){{3}}\s*[\])])"))
+
+
+def parse_box_answer(text: str, frame: BoxFrame = CANONICAL) -> Box | None:
+    """The box an answer gives, read in `frame` and returned canonical xyxy, or None.
+
+    Accepts (in the `<answer>` content when present) the first `<box>…</box>` holding 4 numbers, or
+    else the first bracketed list of exactly 4 numbers. Out-of-range boxes are returned as they are.
+    """
+    body = answer_text(text)
+    for pattern in _BOX_ANSWER:
+        for m in pattern.finditer(body):
+            inner = _BOX4.fullmatch(m.group(1))
+            if inner:
+                box = frame.to_canonical([float(v) for v in inner.groups()])[0]
+                if np.isfinite(box).all():
+                    return tuple(float(v) for v in box)  # type: ignore[return-value]
+    return None
+
+
+# --- format ------------------------------------------------------------------------------------------
+
+_STRUCTURE_PROBLEMS = frozenset(("unbalanced_tag", "nested_tag", "duplicate_section"))
+
+
+@dataclass(frozen=True)
+class FormatCheck:
+    """What the paper's format reward looks at, measured once.
+
+    `well_formed` (think and answer present, every tag paired and properly nested) is the condition
+    for any format credit; the evidence counts decide between 0.5 and 1 (see `format_score`).
+    """
+
+    has_think: bool
+    has_answer: bool
+    tags_balanced: bool
+    num_claims: int
+    num_claims_with_box: int
+    num_claims_with_box_and_time: int
+    num_times: int
+    problems: tuple[Problem, ...] = field(default=())
+
+    @property
+    def well_formed(self) -> bool:
+        return self.has_think and self.has_answer and self.tags_balanced
+
+
+def check_format(text: str, frame: BoxFrame = CANONICAL) -> FormatCheck:
+    """Measure the format of a full response (`<think>…</think><answer>…</answer>`)."""
+    trace = parse_trace(text, frame)
+    return FormatCheck(
+        has_think=trace.think is not None,
+        has_answer=trace.answer is not None,
+        tags_balanced=not any(p.code in _STRUCTURE_PROBLEMS or p.code == "not_text" for p in trace.problems),
+        num_claims=len(trace.claims),
+        num_claims_with_box=sum(1 for c in trace.claims if c.boxes),
+        num_claims_with_box_and_time=sum(1 for c in trace.claims if c.boxes and c.t is not None),
+        num_times=len(trace.times),
+        problems=trace.problems,
+    )
+
+
+EVIDENCE_REQUIREMENTS: dict[str, Callable[[FormatCheck], bool]] = {
+    "spatio_temporal": lambda f: f.num_claims_with_box_and_time > 0,
+    "temporal": lambda f: f.num_times >= 2,
+    "temporal_mcq": lambda f: f.num_times >= 2,
+    "spatial": lambda f: f.num_claims_with_box > 0,
+    "general_mcq": lambda f: True,
+    "general_free": lambda f: True,
+}
+"""Per task, the evidence a well-formed response needs for full format credit (after the paper's
+format reward: a grounded claim for spatio-temporal questions, a span (two times) for temporal ones,
+a box for spatial ones, nothing for general QA)."""
+
+
+def format_score(check: FormatCheck, task: str) -> float:
+    """The paper's format score: 0 if not well formed, 1 if it carries the evidence `task` needs, else 0.5."""
+    try:
+        requirement = EVIDENCE_REQUIREMENTS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(EVIDENCE_REQUIREMENTS)}") from None
+    if not check.well_formed:
+        return 0.0
+    return 1.0 if requirement(check) else 0.5
+
+
+def claims_by_time(claims: Sequence[Claim]) -> dict[float, list[Box]]:
+    """Boxes of timed claims grouped by their time (V-STaR's spatial answers are keyed this way)."""
+    grouped: dict[float, list[Box]] = {}
+    for claim in claims:
+        if claim.t is not None and claim.boxes:
+            grouped.setdefault(claim.t, []).extend(claim.boxes)
+    return grouped
