@@ -63,6 +63,7 @@ SCORES = pa.struct(
         ("num_matched", pa.int64()),
         ("answer_pred", pa.string()),
         ("answer_score", pa.float64()),
+        ("times", pa.list_(pa.float64())),
     ]
 )
 PROVENANCE = pa.struct(

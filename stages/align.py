@@ -1,0 +1,286 @@
+"""`align`: measure how well a grounded trace agrees with the ground truth, claim by claim.
+
+For every record: parse the annotator's `response` (or, for sources that ship a finished trace, the
+`reasoning`) with the evidence grammar; snap each claimed time to the nearest sampled frame (a model
+only saw those frames, so a claim can only be checked against what was shown); look up the ground
+truth at that time (`gt` tracks, and `key_frames`); match the claimed boxes to it one-to-one
+(Hungarian on IoU, with a bonus for a matching name, so two claims never take credit for the same
+object); and score the answer against the ground-truth answer. Everything lands in `scores`; no
+record is dropped here: judging is `filter`'s job, so that its thresholds can change without
+re-aligning.
+
+Boxes are read in the canonical frame (normalised xyxy), which is what the annotate prompts ask for.
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.registry import register_stage
+from pipeline.stage import Stage, StageResult, UnitContext, record_error
+from stages import evidence
+from stages.annotate import ANSWER_KINDS
+from stages.geometry import assign_max, box_iou
+from stages.metrics import temporal_iou
+from stages.schema import SCORES, conform
+
+#: Columns align reads; the rest of a partition (frame JPEGs above all) is never converted to Python.
+INPUT_COLUMNS = ("id", "task", "frames", "options", "answer", "answer_span", "key_frames", "gt",
+                 "response", "reasoning")
+
+
+def _frame_times(frames: Sequence[Mapping[str, Any]] | None) -> np.ndarray:
+    return np.sort(np.array([f["t_s"] for f in frames or () if f.get("t_s") is not None], dtype=np.float64))
+
+
+def snap(times: Sequence[float], frame_times: np.ndarray) -> np.ndarray:
+    """Each time replaced by the nearest sampled frame time (ties go to the earlier frame); NaN if no frames."""
+    t = np.asarray(times, dtype=np.float64)
+    if frame_times.size == 0:
+        return np.full(t.shape, np.nan)
+    right = np.clip(np.searchsorted(frame_times, t), 0, frame_times.size - 1)
+    left = np.clip(right - 1, 0, frame_times.size - 1)
+    use_left = np.abs(t - frame_times[left]) <= np.abs(frame_times[right] - t)
+    return np.where(use_left, frame_times[left], frame_times[right])
+
+
+class GroundTruth:
+    """The ground-truth boxes of one record, looked up by time.
+
+    Tracks give a box per annotated time; a track point counts at time T when it is the nearest point
+    of its track and lies within `tolerance` seconds (an object outside its track's span is absent).
+    Key-frame objects count at their key frame's time, within the same tolerance, unless a track of
+    the same name already gave a box there.
+    """
+
+    def __init__(self, record: Mapping[str, Any], tolerance: float) -> None:
+        self.tolerance = tolerance
+        self.tracks: list[tuple[str, np.ndarray, np.ndarray]] = []
+        for obj in ((record.get("gt") or {}).get("objects") or ()):
+            points = [p for p in obj.get("track") or () if p.get("box") is not None and p.get("t_s") is not None]
+            if points:
+                order = np.argsort([p["t_s"] for p in points], kind="stable")
+                times = np.array([points[i]["t_s"] for i in order], dtype=np.float64)
+                boxes = np.array([points[i]["box"] for i in order], dtype=np.float64)
+                self.tracks.append((obj.get("name") or "", times, boxes))
+        self.key_frames = [
+            (float(kf["t_s"]), [(o.get("name") or "", o["box"]) for o in kf.get("objects") or () if o.get("box") is not None])
+            for kf in record.get("key_frames") or () if kf.get("t_s") is not None
+        ]
+
+    @property
+    def empty(self) -> bool:
+        return not self.tracks and not any(objs for _, objs in self.key_frames)
+
+    @property
+    def key_times(self) -> list[float]:
+        return sorted({t for t, objs in self.key_frames if objs})
+
+    def at(self, t: float) -> tuple[list[str], np.ndarray]:
+        """Names and (N, 4) boxes of the objects present at time `t`."""
+        names: list[str] = []
+        boxes: list[Sequence[float]] = []
+        for name, times, track_boxes in self.tracks:
+            i = int(np.argmin(np.abs(times - t)))
+            if abs(times[i] - t) <= self.tolerance:
+                names.append(name)
+                boxes.append(track_boxes[i])
+        for kt, objects in self.key_frames:
+            if abs(kt - t) <= self.tolerance:
+                for name, box in objects:
+                    if name not in names:
+                        names.append(name)
+                        boxes.append(box)
+        return names, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def _words(name: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9]+", name.lower()))
+
+
+def name_agrees(claimed: str, gt_name: str) -> bool:
+    """True when every word of the ground-truth name appears in the claimed name ("the red circle"
+    names "red circle"); free-text names that share no such words are matched on IoU alone."""
+    gt_words = _words(gt_name)
+    return bool(gt_words) and gt_words <= _words(claimed)
+
+
+# --- answers -------------------------------------------------------------------------------------------
+
+
+def _option_score(record: Mapping[str, Any], predicted: str) -> float | None:
+    truth = evidence.parse_option_letter(record.get("answer") or "")
+    if truth is None:
+        return None
+    num_options = len(record.get("options") or ()) or None
+    return float(evidence.parse_option_letter(predicted, num_options) == truth)
+
+
+def _span_score(record: Mapping[str, Any], predicted: str) -> float | None:
+    truth = record.get("answer_span") or evidence.parse_time_span(record.get("answer") or "")
+    if truth is None:
+        return None
+    span = evidence.parse_time_span(predicted)
+    return float(temporal_iou(tuple(truth), span)) if span is not None else 0.0
+
+
+def _box_score(record: Mapping[str, Any], predicted: str) -> float | None:
+    truth = evidence.parse_box_answer(record.get("answer") or "")
+    if truth is None:
+        return _text_score(record, predicted)
+    box = evidence.parse_box_answer(predicted)
+    return float(box_iou([truth], [box])[0, 0]) if box is not None else 0.0
+
+
+@lru_cache(maxsize=1)
+def _rouge() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def _text_score(record: Mapping[str, Any], predicted: str) -> float | None:
+    truth = record.get("answer")
+    if not truth:
+        return None
+    return float(_rouge().score(truth, predicted)["rougeL"].fmeasure)
+
+
+ANSWER_SCORERS: dict[str, Callable[[Mapping[str, Any], str], float | None]] = {
+    "option": _option_score,   # 1 if the same option letter, else 0
+    "span": _span_score,       # temporal IoU of the spans (V-STaR's definition)
+    "box": _box_score,         # IoU of the answer boxes
+    "text": _text_score,       # ROUGE-L F1
+}
+"""Answer agreement per answer kind (see `stages.annotate.ANSWER_KINDS`), each in [0, 1]; None when
+the record has no ground-truth answer of that kind to compare with."""
+
+
+# --- one record ----------------------------------------------------------------------------------------
+
+
+def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, name_weight: float = 0.5,
+                 answer_ok_at: float = 0.5) -> dict[str, Any]:
+    """The `scores` struct of one record (see docs/schema.md for every field)."""
+    response = record.get("response")
+    text = response if response is not None else record.get("reasoning")
+    trace = evidence.parse_trace(text)
+    problems = [f"{p.code}: {p.detail}" for p in trace.problems]
+    task = record.get("task")
+    if response is not None:
+        check = evidence.check_format(response)
+        if not check.well_formed:
+            missing = [s for s, present in (("<think>", check.has_think), ("<answer>", check.has_answer)) if not present]
+            if missing:
+                problems.append(f"missing_section: no {' and no '.join(missing)}")
+        elif task in evidence.EVIDENCE_REQUIREMENTS and evidence.format_score(check, task) < 1.0:
+            problems.append(f"missing_evidence: a {task} trace needs grounded evidence the response lacks")
+
+    frame_times = _frame_times(record.get("frames"))
+    gt = GroundTruth(record, gt_tolerance_s)
+    key_times = gt.key_times
+    # flatten to one row per claimed box (a time-only claim is one row without a box)
+    rows: list[dict[str, Any]] = []
+    for claim in trace.claims:
+        for box in claim.boxes or (None,):
+            rows.append({"name": claim.name, "t_s": claim.t, "box": list(box) if box is not None else None,
+                         "t_snapped": None, "gt_name": None, "iou": None, "dt": None, "verified": None})
+    timed = [r for r in rows if r["t_s"] is not None]
+    if timed:
+        snapped = snap([r["t_s"] for r in timed], frame_times)
+        for row, ts in zip(timed, snapped):
+            if not math.isnan(ts):
+                row["t_snapped"] = float(ts)
+                row["dt"] = float(ts - row["t_s"])
+    # where a box is checked: its snapped time, or the one key frame of an untimed (spatial) claim
+    groups: dict[float, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["box"] is None:
+            continue
+        when = row["t_snapped"] if row["t_s"] is not None else (key_times[0] if len(key_times) == 1 else None)
+        if when is not None:
+            groups.setdefault(when, []).append(row)
+    for when, group in groups.items():
+        names, gt_boxes = gt.at(when)
+        if not names:
+            continue
+        for row in group:
+            row["iou"] = 0.0
+        # the same object claimed twice at one time is one claim for matching: both get its score
+        unique: dict[tuple[str, tuple[float, ...]], list[dict[str, Any]]] = {}
+        for row in group:
+            unique.setdefault((row["name"], tuple(np.round(row["box"], 4))), []).append(row)
+        keys = list(unique)
+        ious = box_iou([unique[k][0]["box"] for k in keys], gt_boxes)
+        bonus = np.array([[name_agrees(k[0], n) for n in names] for k in keys], dtype=np.float64)
+        matching = assign_max(ious + name_weight * bonus * (ious > 0))
+        for r, c in zip(matching.rows, matching.cols):
+            for row in unique[keys[r]]:
+                row["gt_name"] = names[c]
+                row["iou"] = float(ious[r, c])
+
+    ious = [r["iou"] for r in rows if r["iou"] is not None]
+    answer_pred = trace.answer if response is not None else None
+    scorer = ANSWER_SCORERS.get(ANSWER_KINDS.get(task, "text"), _text_score)
+    # a response with no answer at all scores 0 wherever there is a ground truth to miss
+    answer_score = scorer(record, answer_pred or "") if response is not None else None
+    return {
+        "format_ok": not problems,
+        "num_claims": len(trace.claims),
+        "mean_iou": float(np.mean(ious)) if ious else None,
+        "min_iou": float(np.min(ious)) if ious else None,
+        "answer_ok": None if answer_score is None else answer_score >= answer_ok_at,
+        "claims": rows,
+        "verify": None,
+        "problems": problems,
+        "num_matched": sum(1 for r in rows if r["gt_name"] is not None),
+        "answer_pred": answer_pred,
+        "answer_score": answer_score,
+        "times": list(trace.times),
+    }
+
+
+@register_stage
+class Align(Stage):
+    """Parse, snap, match and score every record; writes `scores`, keeps every row."""
+
+    name = "align"
+    version = "1"
+    key_types = {"gt_tolerance_s": (float, int), "name_weight": (float, int), "answer_ok_at": (float, int)}
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
+        problems = super().validate_config(config)
+        for key in ("gt_tolerance_s", "name_weight"):
+            value = config.get(key)
+            if isinstance(value, (int, float)) and value < 0:
+                problems.append(f"{key}: must be >= 0, got {value}")
+        value = config.get("answer_ok_at")
+        if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
+            problems.append(f"answer_ok_at: must lie in [0, 1], got {value}")
+        return problems
+
+    def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
+        table = conform(table)
+        options = {"gt_tolerance_s": float(self.config.get("gt_tolerance_s", 0.25)),
+                   "name_weight": float(self.config.get("name_weight", 0.5)),
+                   "answer_ok_at": float(self.config.get("answer_ok_at", 0.5))}
+        # frame JPEGs are dropped before the conversion to Python: align needs only the frame times
+        times_only = pa.list_(pa.struct([("t_s", pa.float64())]))
+        view = table.select(list(INPUT_COLUMNS))
+        view = view.set_column(view.schema.get_field_index("frames"), "frames", view.column("frames").cast(times_only))
+        scores, keep, rejections = [], [], []
+        for i, record in enumerate(view.to_pylist()):
+            try:
+                scores.append(align_record(record, **options))
+                keep.append(i)
+            except Exception as exc:  # noqa: BLE001 - malformed ground truth: that record goes to the ledger
+                rejections.append(record_error(record, exc))
+        kept = table.take(pa.array(keep, pa.int64())) if len(keep) < table.num_rows else table
+        column = pa.array(scores, type=SCORES)
+        return StageResult(kept.set_column(kept.schema.get_field_index("scores"), "scores", column), rejections)
