@@ -33,6 +33,10 @@ class ChatRequest:
     top_p: float = 1.0
     seed: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The structured facts the prompt was rendered from (task, ground truth, record id). Model
+    #: backends never read it (the prompt already carries it, so it stays out of the cache key);
+    #: the `template` backend writes its answer from it alone.
+    context: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def sampling(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
@@ -55,10 +59,21 @@ class ChatRequest:
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
+class RequestFailed(Exception):
+    """A request the backend will never complete, however often it is retried (e.g. HTTP 400).
+
+    Transient trouble (429, 5xx, timeouts) is retried inside the backend and, if it persists, raised
+    as an ordinary exception so the whole unit is retried; this one is about the request itself, so
+    the caller puts that record in the ledger and goes on with the rest.
+    """
+
+
 class Backend(ABC):
     """Generates completions for batches of requests. One instance per worker (it holds the model)."""
 
     name: ClassVar[str] = ""
+    #: False where a response costs nothing to recompute (the template backend): not worth a cache file.
+    cacheable: ClassVar[bool] = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
@@ -72,6 +87,19 @@ class Backend(ABC):
     def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
         """One completion per request, in order."""
 
+    def generate_each(self, requests: Sequence[ChatRequest]) -> list[str | RequestFailed]:
+        """Like `generate`, but a request that can never succeed comes back as its `RequestFailed`
+        in place of a completion, so one bad request does not cost the others' (paid) results."""
+        return list(self.generate(requests))
+
+    def prompt_sha(self, template_sha: str) -> str:
+        """What goes into provenance as `prompt_sha`: the prompt template's hash for backends that
+        read the prompt; a backend that writes from `context` alone returns its own version hash."""
+        return template_sha
+
+    def close(self) -> None:
+        """Release what the backend holds (connections, GPU memory); the default holds nothing."""
+
 
 BACKENDS: dict[str, type[Backend]] = {}
 B = TypeVar("B", bound=type[Backend])
@@ -82,13 +110,19 @@ def register_backend(cls: B) -> B:
     return cls
 
 
-def make_backend(config: Mapping[str, Any]) -> Backend:
-    """Build the backend named by `config['backend']`; the modules of this package self-register."""
+def load_backends() -> dict[str, type[Backend]]:
+    """Import every module of this package (each registers its backend); heavy imports stay lazy."""
     import importlib
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__, prefix=__name__ + "."):
         importlib.import_module(info.name)
+    return BACKENDS
+
+
+def make_backend(config: Mapping[str, Any]) -> Backend:
+    """Build the backend named by `config['backend']`; the modules of this package self-register."""
+    load_backends()
     name = config.get("backend")
     if name not in BACKENDS:
         raise KeyError(f"annotator.backend: unknown backend {name!r}; known: {sorted(BACKENDS)}")

@@ -1,0 +1,107 @@
+"""`transformers`: a local Hugging Face vision-language model, batched generation, CPU or GPU.
+
+Loaded once per actor with `AutoModelForImageTextToText.from_pretrained` and its `AutoProcessor`
+(Qwen2.5-VL and any other chat VLM whose processor takes images). Each frame is passed as an image
+right after its `Frame k at t s:` label (structured chat content, so the chat template puts each
+image at its label rather than all images first). Requests are generated in padded batches of the
+stage's `batch_size`, grouped by sampling parameters, with left padding so every row's new tokens
+start at the same position.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping, Sequence
+
+from stages.backends import Backend, ChatRequest, register_backend
+
+
+def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
+    """The request as chat messages with structured content: label, image, label, image, ..., prompt."""
+    content: list[dict[str, Any]] = []
+    for image in request.images:
+        if image.label:
+            content.append({"type": "text", "text": image.label + " "})
+        content.append({"type": "image"})
+        content.append({"type": "text", "text": "\n"})
+    content.append({"type": "text", "text": request.prompt})
+    messages: list[dict[str, Any]] = []
+    if request.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+@register_backend
+class TransformersBackend(Backend):
+    """A local HF model in this process (see the module docstring). Config: model, revision, dtype,
+    device ("auto": the GPU when there is one, else CPU), attn_implementation."""
+
+    name = "transformers"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = config.get("model")
+        if not model:
+            raise ValueError("annotator.model: required by the transformers backend (a local directory or hub id)")
+        revision = config.get("revision")
+        self.processor = AutoProcessor.from_pretrained(model, revision=revision)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        tokenizer.padding_side = "left"
+        device = config.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        kwargs: dict[str, Any] = {"revision": revision, "dtype": config.get("dtype", "auto")}
+        if config.get("attn_implementation"):
+            kwargs["attn_implementation"] = config["attn_implementation"]
+        self.model = AutoModelForImageTextToText.from_pretrained(model, **kwargs).to(device).eval()
+        self.device = device
+        self.tokenizer = tokenizer
+
+    def _images(self, request: ChatRequest) -> list[Any]:
+        from PIL import Image
+
+        return [Image.open(io.BytesIO(image.jpeg)).convert("RGB") for image in request.images]
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.sampling().items())), []).append(i)
+        for indices in groups.values():
+            texts = self._generate_batch([requests[i] for i in indices])
+            for i, text in zip(indices, texts):
+                out[i] = text
+        return [str(text) for text in out]
+
+    def _generate_batch(self, requests: Sequence[ChatRequest]) -> list[str]:
+        import torch
+
+        texts = [self.processor.apply_chat_template(chat_messages(r), tokenize=False, add_generation_prompt=True)
+                 for r in requests]
+        images = [self._images(r) for r in requests]
+        has_images = any(images)
+        inputs = self.processor(text=texts, images=images if has_images else None, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        first = requests[0]
+        sample = first.temperature > 0
+        kwargs: dict[str, Any] = {"max_new_tokens": first.max_new_tokens, "do_sample": sample,
+                                  "pad_token_id": self.tokenizer.pad_token_id}
+        if sample:
+            kwargs.update(temperature=first.temperature, top_p=first.top_p)
+            torch.manual_seed(first.seed)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(dict(first.extra))
+        with torch.inference_mode():
+            generated = self.model.generate(**inputs, **kwargs)
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def close(self) -> None:
+        import gc
+
+        del self.model
+        gc.collect()
