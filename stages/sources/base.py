@@ -1,0 +1,225 @@
+"""Source adapters: one dataset format in, canonical seed records out.
+
+An adapter knows one annotation format and nothing else: it reads the file (on the driver to count
+entries, again on each worker to build its partition), validates it, and turns each entry into seed
+records in canonical units (seconds on the source video's own timeline, boxes `[x1, y1, x2, y2]`
+normalised to the source frame). The `source` stage (stages/sources/stage.py) owns partitioning and
+the ledger, so a new format is one new module with one `@register_adapter` class.
+
+Two kinds of bad input, two outcomes:
+- the *file* is unusable (missing, not JSON, wrong top-level shape, no entries): `InputError` naming
+  the file and the position, which the CLI turns into exit 2 before anything is built;
+- one *entry* is malformed (missing field, wrong type, end before start): the adapter raises
+  `Reject` with rule `malformed_record`, naming file, entry position and field; the other entries
+  are still built.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import pkgutil
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.stage import Reject, Rejection, UnitContext
+from stages.schema import record_id
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+class Adapter:
+    """Base class of a source adapter.
+
+    Subclasses set `name` (the value of `source.adapter`), optionally `aliases`, `required_keys`
+    (config keys that must be set) and implement `load_entries` and `seed`. `entries()` caches the
+    parsed file per process, so the driver's `plan()` and each worker read it once.
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    required_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
+        """Problems as `key: message` strings, checked before the build starts."""
+        return [f"{key}: required by source adapter '{cls.name}' but missing"
+                for key in cls.required_keys if config.get(key) in (None, "")]
+
+    # -- the annotation file ---------------------------------------------------------------
+    @property
+    def annotations(self) -> str:
+        return str(self.config["annotations"])
+
+    @property
+    def annotations_label(self) -> str:
+        """What the ledger names as the input file (the synthetic source has none)."""
+        return str(self.config.get("annotations") or self.name)
+
+    def entries(self) -> Sequence[Any]:
+        """The annotation file's entries, in file order (partition p takes a contiguous slice)."""
+        path = self.annotations
+        try:
+            stamp = os.stat(path).st_mtime_ns
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from exc
+        entries = _cached_entries(type(self), path, stamp, json.dumps(self.config, sort_keys=True, default=str))
+        if not entries:
+            raise InputError(f"{path}: the annotation file holds no entries")
+        return entries
+
+    def load_entries(self) -> Sequence[Any]:
+        """Parse the whole annotation file; raise InputError for file-level problems."""
+        raise NotImplementedError
+
+    def entry_label(self, entry: Any, position: int) -> str:
+        """How the ledger names an entry (its video id where the format has one)."""
+        return f"entry {position}"
+
+    def seed(self, entry: Any, position: int, ctx: UnitContext) -> list[dict[str, Any]]:
+        """Seed records of one entry (RECORD_SCHEMA columns); raise Reject for a malformed entry."""
+        raise NotImplementedError
+
+    # -- helpers shared by the file-based adapters ------------------------------------------
+    def media_path(self, *stems: str) -> str:
+        """The video file for an entry: the first of `stems` found under `video_dir`.
+
+        Datasets name files by id with varying extensions and sub-folders (VidOR keeps `0000/<vid>.mp4`,
+        ActivityNet ids carry a `v_` prefix some mirrors drop), so the folder is indexed once per
+        process by file stem. A video not found still gets a path (`<video_dir>/<stem>.mp4`): the
+        `sample` stage then puts the record in the ledger as `missing_media`, naming that path.
+        """
+        video_dir = str(self.config["video_dir"])
+        try:
+            stamp = os.stat(video_dir).st_mtime_ns
+        except OSError:
+            stamp = 0
+        index = _video_index(video_dir, stamp)
+        for stem in stems:
+            key = os.path.splitext(stem)[0] if stem.lower().endswith(VIDEO_EXTENSIONS) else stem
+            if key in index:
+                return index[key]
+        first = stems[0]
+        return os.path.join(video_dir, first if first.lower().endswith(VIDEO_EXTENSIONS) else first + ".mp4")
+
+    def reject(self, position: int, label: str, problem: str, field: str | None = None) -> Reject:
+        """A `malformed_record` rejection naming file, entry and field."""
+        where = f"{self.annotations}: {label}"
+        reason = f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}"
+        return Reject(Rejection(id=None, rule="malformed_record", reason=reason, value=field,
+                                file=self.annotations, record=label))
+
+    def validate(self, model: type[BaseModel], entry: Any, position: int, label: str) -> Any:
+        """Validate one entry with a pydantic model; the first error becomes a named rejection."""
+        try:
+            return model.model_validate(entry)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or None
+            raise self.reject(position, label, first["msg"], field) from None
+
+
+class Entry(BaseModel):
+    """Base of the pydantic models that describe one annotation entry: extra keys are allowed."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def make_record(*, source: str, source_id: str, task: str, variant: str | int = 0, **columns: Any) -> dict[str, Any]:
+    """A seed record with its stable id; columns not given stay null."""
+    return {"id": record_id(source, source_id, task, variant), "source": source, "source_id": source_id,
+            "task": task, **columns}
+
+
+def media(uri: str, *, fps: float | None = None, num_frames: int | None = None, duration_s: float | None = None,
+          width: int | None = None, height: int | None = None, kind: str = "video") -> dict[str, Any]:
+    """The `media` struct as the annotation declares it; `sample` replaces it with what it probes."""
+    return {"uri": uri, "kind": kind, "fps": fps, "num_frames": num_frames, "duration_s": duration_s,
+            "width": width, "height": height}
+
+
+def read_json(path: str) -> Any:
+    """Parse a JSON file; a syntax error names the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text at byte {exc.start}") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from exc
+
+
+def expect_shape(path: str, data: Any, shape: type, what: str) -> None:
+    """File-level shape check: e.g. VidSTG is a JSON list, HC-STVG an object keyed by video."""
+    if not isinstance(data, shape):
+        raise InputError(f"{path}: expected {what} at the top level (position 0), got {type(data).__name__}")
+
+
+# -- registry ---------------------------------------------------------------------------------
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make an adapter available as `source.adapter=<name>` (and its aliases)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no `name`")
+    for key in (cls.name, *cls.aliases):
+        existing = ADAPTERS.get(key)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"source adapter name '{key}' is taken by {existing.__module__}.{existing.__qualname__}")
+        ADAPTERS[key] = cls
+    return cls
+
+
+@functools.cache
+def load_adapters() -> None:
+    """Import every module of this package so that every adapter registers itself."""
+    package = importlib.import_module("stages.sources")
+    for info in pkgutil.iter_modules(package.__path__, prefix="stages.sources."):
+        importlib.import_module(info.name)
+
+
+def get_adapter(name: str) -> type[Adapter]:
+    load_adapters()
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        known = ", ".join(sorted(ADAPTERS))
+        raise ConfigError(f"source.adapter: unknown adapter '{name}' (known: {known})") from None
+
+
+def adapter_names() -> list[str]:
+    load_adapters()
+    return sorted(ADAPTERS)
+
+
+# -- per-process caches -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _cached_entries(cls: type[Adapter], path: str, stamp: int, config_json: str) -> Sequence[Any]:
+    return tuple(cls(json.loads(config_json)).load_entries())
+
+
+@functools.lru_cache(maxsize=8)
+def _video_index(video_dir: str, stamp: int) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for path in sorted(_walk_videos(Path(video_dir))):
+        index.setdefault(path.stem, str(path))
+    return index
+
+
+def _walk_videos(root: Path) -> Iterator[Path]:
+    if not root.is_dir():
+        return
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for filename in filenames:
+            if filename.lower().endswith(VIDEO_EXTENSIONS):
+                yield Path(dirpath) / filename

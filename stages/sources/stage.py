@@ -1,0 +1,68 @@
+"""The `source` stage: the first node of the DAG, turning an adapter's entries into seed partitions.
+
+`source.adapter` picks the adapter (stages/sources/base.py registry). `plan()` runs on the driver: it
+reads and validates the annotation file (a malformed file stops the build with exit 2 before any
+work is scheduled) and returns the number of partitions. `process(None, ctx)` runs on a worker and
+builds partition `ctx.partition` from a contiguous slice of the entries, so the same config always
+gives the same partitions, which is what makes committed units reusable on resume.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Mapping
+
+from pipeline.registry import register_stage
+from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext
+from stages.schema import to_table
+from stages.sources.base import Adapter, get_adapter
+
+
+@register_stage
+class SourceStage(Stage):
+    """Seed records from one dataset (or the synthetic generator), `records_per_partition` entries each."""
+
+    name: ClassVar[str] = "source"
+    version: ClassVar[str] = "1"
+    source: ClassVar[bool] = True
+    required_keys: ClassVar[tuple[str, ...]] = ("adapter",)
+    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"adapter": str, "records_per_partition": int}
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.adapter: Adapter = get_adapter(str(self.config["adapter"]))(self.config)
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
+        problems = super().validate_config(config)
+        if problems:
+            return problems
+        per_partition = config.get("records_per_partition", 16)
+        if per_partition < 1:
+            problems.append(f"records_per_partition: must be >= 1, got {per_partition}")
+        return problems + get_adapter(str(config["adapter"])).validate_config(config)
+
+    @property
+    def per_partition(self) -> int:
+        return int(self.config.get("records_per_partition", 16))
+
+    def plan(self) -> int:
+        return max(1, math.ceil(len(self.adapter.entries()) / self.per_partition))
+
+    def process(self, table: Any, ctx: UnitContext) -> StageResult:
+        entries = self.adapter.entries()
+        start = ctx.partition * self.per_partition
+        rows: list[dict[str, Any]] = []
+        rejections: list[Rejection] = []
+        for position in range(start, min(start + self.per_partition, len(entries))):
+            entry = entries[position]
+            try:
+                rows.extend(self.adapter.seed(entry, position, ctx))
+            except Reject as rej:
+                rejections.extend(rej.rejections)
+            except Exception as exc:  # noqa: BLE001 - one bad entry must not sink its partition
+                label = self.adapter.entry_label(entry, position)
+                rejections.append(Rejection(
+                    id=None, rule="exception", reason=f"{self.adapter.annotations_label}: {label}: "
+                    f"{type(exc).__name__}: {exc}", error=f"{type(exc).__name__}: {exc}",
+                    file=self.adapter.annotations_label, record=label))
+        return StageResult(to_table(rows), rejections)
