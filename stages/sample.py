@@ -67,9 +67,6 @@ class Probe:
         pick_left = np.abs(times - self.starts[left]) <= np.abs(self.starts[right] - times)
         return np.where(pick_left, left, right).astype(np.int64)
 
-    def containing(self, times: np.ndarray) -> np.ndarray:
-        """Index of the frame shown at each time (the last frame starting at or before it)."""
-        return np.clip(np.searchsorted(self.starts, times, side="right") - 1, 0, self.num_frames - 1).astype(np.int64)
 
 
 @register_stage
@@ -219,7 +216,9 @@ class SampleStage(Stage):
             keys = keys[np.linspace(0, keys.size - 1, max_frames).round().astype(np.int64)]
         wanted = max(int(self.cfg("min_frames", 4)), math.ceil((end - start) * float(self.cfg("fps", 2.0))))
         count = max(0, min(wanted, max_frames - keys.size))
-        uniform = probe.containing(start + np.arange(count) * (end - start) / max(count, 1))
+        first = min(int(np.searchsorted(probe.starts, start - 1e-6)), probe.num_frames - 1)
+        last = max(first, int(np.searchsorted(probe.starts, end, side="right")) - 1)
+        uniform = np.clip(probe.nearest(start + np.arange(count) * (end - start) / max(count, 1)), first, last)
         indices = np.unique(np.concatenate([keys, uniform]))
         if indices.size > max_frames:  # uniform frames that collided with key frames left room; drop extras evenly
             extra = np.setdiff1d(indices, keys)
