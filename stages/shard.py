@@ -69,7 +69,7 @@ def _with_provenance(table: pa.Table, ctx: UnitContext) -> pa.Table:
     return table.set_column(table.schema.get_field_index("provenance"), "provenance", struct)
 
 
-def _counts(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
+def count_rows(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
     """Rows per combination of `keys`, sorted, as plain dicts (for JSON and the card)."""
     if table.num_rows == 0:
         return []
@@ -272,7 +272,7 @@ class Shard(Stage):
             "stage_fingerprints": fingerprints,
             "rows": table.num_rows,
             "splits": splits_info,
-            "counts": {"task": _counts(table, ["split", "task"]), "source": _counts(table, ["split", "source"])},
+            "counts": {"task": count_rows(table, ["split", "task"]), "source": count_rows(table, ["split", "source"])},
             "ledger": ledger_counts(ledger),
             "config": _read_run_config(fs, ctx.run_path) or {ctx.stage: self.config},
         }

@@ -73,3 +73,65 @@ def make_record(n: int = 0, *, task: str = "spatio_temporal", source: str = "syn
     }
     record.update(overrides)
     return record
+
+
+def box_text(box: list[float]) -> str:
+    return "[" + ",".join(f"{v:.3f}" for v in box) + "]"
+
+
+def grounded_response(t: float, answer: str = "[0.0, 5.0]", shift: float = 0.0) -> str:
+    """A response citing the red circle at `t` (its box moved right by `shift`) and the blue square."""
+    circle = circle_box(t)
+    circle = [circle[0] + shift, circle[1], circle[2] + shift, circle[3]]
+    return (f"<think>The <obj>red circle</obj><box>{box_text(circle)}</box>at<t>{t:g}</t>s moves right past "
+            f"the <obj>blue square</obj><box>{box_text(SQUARE_BOX)}</box>at<t>{t:g}</t>s.</think>"
+            f"<answer>{answer}</answer>")
+
+
+FINGERPRINTS = {"align": "a1" * 8, "filter": "f1" * 8, "shard": "5h" * 8}
+
+
+def build_run(run, n: int = 12) -> dict[str, Any]:
+    """A run directory as the engine leaves it after align -> filter -> shard, built by calling the
+    real stages: plan.json, committed stage outputs, the filter ledger and the dataset. A third of the
+    records cite a box far from the ground truth and are rejected. Returns ids by fate."""
+    import dataclasses
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.stage import LEDGER_SCHEMA
+    from pipeline.testing import unit_context
+    from stages.align import Align
+    from stages.filter import Filter
+    from stages.schema import to_table
+    from stages.shard import Shard
+
+    records = [make_record(i, with_jpeg=True, task="spatio_temporal", answer_span=[0.0, 5.0],
+                           response=grounded_response(1.0 + (i % 4), shift=0.4 if i % 3 == 0 else 0.0))
+               for i in range(n)]
+    nodes = {"align": [], "filter": ["align"], "shard": ["filter"]}
+    (run).mkdir(parents=True, exist_ok=True)
+    plan = {"build_id": run.name, "nodes": {name: {"node": name, "stage": name, "fingerprint": FINGERPRINTS[name],
+                                                    "partitions": 1, "after": after, "actor": False,
+                                                    "barrier": name == "shard"} for name, after in nodes.items()}}
+    (run / "plan.json").write_text(json.dumps(plan))
+
+    def ctx(stage):
+        return dataclasses.replace(unit_context(run, stage=stage, fingerprint=FINGERPRINTS[stage]), fingerprints=FINGERPRINTS)
+
+    table = to_table(records)
+    for stage_cls in (Align, Filter, Shard):
+        name = stage_cls.name
+        result = stage_cls({}).process(table, ctx(name))
+        out = run / "stages" / name / FINGERPRINTS[name]
+        out.mkdir(parents=True)
+        pq.write_table(result.table, out / "part-00000.parquet")
+        ledger = run / "ledger" / name / FINGERPRINTS[name]
+        ledger.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist([r.as_row(name, 1) for r in result.rejections], schema=LEDGER_SCHEMA),
+                       ledger / "part-00000.parquet")
+        table = result.table
+    kept = table.column("id").to_pylist()
+    return {"kept": kept, "rejected": [r["id"] for r in records if r["id"] not in kept], "records": records}

@@ -1,0 +1,182 @@
+"""`stgr export PATH --format open-o3|verl --out OUT`: STGR records in formats other tools read.
+
+- `open-o3`: the JSON of the released Open-o3 Video STGR sets (`STGR-SFT.json` for the sft split,
+  `STGR-RL.json` for rl, `STGR.json` for records without a split) in the folder OUT, with every key
+  frame written as a JPEG under `OUT/kfs/<id>/<k>.jpg`. Each entry: `id`, `task` (upstream task
+  names, see OPEN_O3_TASKS), `source`, `video_path`, `question` (options appended as `A. ...` lines),
+  `answer`, `reasoning_process` (the trace without `<think>` tags), `key_frames [{idx, time, path}]`
+  (path relative to `kfs/`) and `key_items {idx: {name: [[x1, y1, x2, y2], ...]}}` in normalised
+  coordinates, as upstream's Gemini-annotated sets.
+- `verl`: one Parquet file OUT in verl's RL layout: `data_source`, `prompt` (chat messages whose user
+  turn interleaves `Frame k at t s: <image>` with the question), `images` ([{bytes}], one per
+  `<image>`), `ability` (the task), `reward_model {style: rule, ground_truth: answer}` and
+  `extra_info` (id, split, index, task, question, answer_span, key frames as JSON) for grounded rewards.
+
+PATH is anything `stgr inspect` takes; `--split` keeps one split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from stages.annotate import FrameReader
+from stages.backends import LabelledImage
+from stages.commands._records import locate
+
+OPEN_O3_TASKS: dict[str, str] = {
+    "spatio_temporal": "temporal-spatial free-form QA",
+    "spatial": "temporal-spatial free-form QA",  # upstream's "visual QA" is for still images
+    "temporal": "temporal QA",
+    "temporal_mcq": "temporal QA (MCQ)",
+    "general_mcq": "General video QA MCQ",
+    "general_free": "General video QA Free-form",
+}
+"""Our task -> the `task` string of the released STGR json."""
+
+OPEN_O3_FILES = {"sft": "STGR-SFT.json", "rl": "STGR-RL.json", None: "STGR.json"}
+
+VERL_SYSTEM = (
+    "You are given frames of a video, each labelled with its time in seconds, and a question. Think first, "
+    "then answer: put the reasoning in <think></think> and the answer in <answer></answer>. Ground the "
+    "reasoning: whenever you mention an object, write <obj>name</obj><box>[x1,y1,x2,y2]</box>at<t>seconds</t>s "
+    "with the box normalised to [0, 1] of the frame."
+)
+
+VERL_SCHEMA = pa.schema([
+    ("data_source", pa.string()),
+    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("images", pa.list_(pa.struct([("bytes", pa.binary())]))),
+    ("ability", pa.string()),
+    ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+    ("extra_info", pa.struct([("id", pa.string()), ("split", pa.string()), ("index", pa.int64()),
+                              ("task", pa.string()), ("question", pa.string()),
+                              ("answer_span", pa.list_(pa.float64())), ("key_frames", pa.string())])),
+])
+"""The verl RL layout (as its multimodal examples write it)."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write upstream Open-o3 STGR json (+ key-frame JPEGs) or verl RL Parquet",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="run directory, dataset/, split folder, stage output folder or Parquet file")
+    p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="output format")
+    p.add_argument("--out", required=True, help="open-o3: output folder; verl: output .parquet file")
+    p.add_argument("--split", choices=["sft", "rl"], default=None, help="export only this split")
+    p.set_defaults(func=handler)
+
+
+def question_text(record: Mapping[str, Any]) -> str:
+    """The question with its options as `A. ...` lines (as upstream's MCQ prompts carry them)."""
+    question = record.get("question") or ""
+    options = record.get("options") or []
+    if not options:
+        return question
+    lines = []
+    for k, option in enumerate(options):
+        letter = chr(ord("A") + k)
+        lines.append(option if option.lstrip().startswith((f"{letter}.", f"({letter})", f"{letter})")) else f"{letter}. {option}")
+    return question + "\n" + "\n".join(lines)
+
+
+def _nearest(images: list[tuple[float, LabelledImage]], t: float) -> LabelledImage:
+    return min(images, key=lambda item: abs(item[0] - t))[1]
+
+
+def _timed_images(record: Mapping[str, Any], reader: FrameReader) -> list[tuple[float, LabelledImage]]:
+    frames = sorted(record.get("frames") or [], key=lambda f: (f["t_s"], f.get("index") or 0))
+    return list(zip([f["t_s"] for f in frames], reader.images(record)))
+
+
+def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) -> dict[str, Any]:
+    """One upstream STGR entry; writes the record's key-frame JPEGs under `kfs_dir/<id>/`."""
+    task = record.get("task")
+    if task not in OPEN_O3_TASKS:
+        raise InputError(f"record {record.get('id')}: field 'task' is {task!r}; known: {sorted(OPEN_O3_TASKS)}")
+    key_frames, key_items = [], {}
+    images = _timed_images(record, reader) if record.get("key_frames") else []
+    for k, key_frame in enumerate(record.get("key_frames") or []):
+        rel = f"{record['id']}/{k}.jpg"
+        os.makedirs(os.path.join(kfs_dir, record["id"]), exist_ok=True)
+        with open(os.path.join(kfs_dir, rel), "wb") as out:
+            out.write(_nearest(images, key_frame["t_s"]).jpeg)
+        key_frames.append({"idx": k, "time": key_frame["t_s"], "path": rel})
+        items: dict[str, list[list[float]]] = {}
+        for obj in key_frame.get("objects") or []:
+            items.setdefault(obj["name"], []).append([round(v, 4) for v in obj["box"]])
+        key_items[str(k)] = items
+    return {
+        "id": record["id"], "task": OPEN_O3_TASKS[task], "source": record.get("source"),
+        "video_path": (record.get("media") or {}).get("uri"), "question": question_text(record),
+        "answer": record.get("answer"), "reasoning_process": record.get("reasoning") or "",
+        "key_frames": key_frames, "key_items": key_items,
+    }
+
+
+def export_open_o3(records: Iterable[dict[str, Any]], out: str) -> dict[str, int]:
+    """Write the STGR json files and key frames into folder `out`; returns entries per file."""
+    kfs = os.path.join(out, "kfs")
+    os.makedirs(kfs, exist_ok=True)
+    reader = FrameReader()
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_file.setdefault(OPEN_O3_FILES[record.get("split")], []).append(open_o3_entry(record, reader, kfs))
+    for name, entries in by_file.items():
+        with open(os.path.join(out, name), "w") as handle:
+            json.dump(entries, handle, indent=1, ensure_ascii=False)
+    return {name: len(entries) for name, entries in by_file.items()}
+
+
+def verl_row(record: Mapping[str, Any], index: int, reader: FrameReader) -> dict[str, Any]:
+    """One verl RL example: frames as `<image>` placeholders in the user turn, the answer as the rule's truth."""
+    images = reader.images(record)
+    frames_text = "\n".join(f"{image.label} <image>" for image in images)
+    key_frames = [{"t_s": kf["t_s"], "objects": [{"name": o["name"], "box": list(o["box"])} for o in kf.get("objects") or []]}
+                  for kf in record.get("key_frames") or []]
+    return {
+        "data_source": f"stgr/{record.get('source')}",
+        "prompt": [{"role": "system", "content": VERL_SYSTEM},
+                   {"role": "user", "content": f"{frames_text}\n{question_text(record)}"}],
+        "images": [{"bytes": image.jpeg} for image in images],
+        "ability": record.get("task"),
+        "reward_model": {"style": "rule", "ground_truth": record.get("answer") or ""},
+        "extra_info": {"id": record["id"], "split": record.get("split"), "index": index, "task": record.get("task"),
+                       "question": record.get("question"), "answer_span": record.get("answer_span"),
+                       "key_frames": json.dumps(key_frames)},
+    }
+
+
+def export_verl(records: Iterable[dict[str, Any]], out: str, rows_per_group: int = 64) -> dict[str, int]:
+    """Write the verl Parquet file `out`, streaming row groups; returns its row count."""
+    reader = FrameReader()
+    if os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    count = 0
+    pending: list[dict[str, Any]] = []
+    with pq.ParquetWriter(out, VERL_SCHEMA) as writer:
+        for record in records:
+            pending.append(verl_row(record, count, reader))
+            count += 1
+            if len(pending) == rows_per_group:
+                writer.write_table(pa.Table.from_pylist(pending, schema=VERL_SCHEMA))
+                pending = []
+        writer.write_table(pa.Table.from_pylist(pending, schema=VERL_SCHEMA))
+    return {os.path.basename(out): count}
+
+
+EXPORTERS = {"open-o3": export_open_o3, "verl": export_verl}
+
+
+def handler(args: argparse.Namespace) -> int:
+    located = locate(args.path)
+    where = pc.field("split") == args.split if args.split else None
+    counts = EXPORTERS[args.format](located.iter_records(where), args.out)
+    for name, n in counts.items():
+        print(f"{args.out}: {name}: {n} records")
+    return 0
