@@ -1,0 +1,107 @@
+"""Batched, resumable model calls for evaluation, and the bridge from a rendered chat to a request.
+
+An evaluation is a few thousand independent calls (answers, crop checks, judge scores). Each is a
+`Call`: where its completion is stored (sample key, call kind) and how to build its request. The
+request is built only if the completion is not stored yet, so a rerun does not even decode the
+frames of the samples already done; completions are stored after every backend batch.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed
+from train.eval.store import CompletionStore
+
+log = logging.getLogger("stgr.eval")
+
+
+@dataclass(frozen=True)
+class Call:
+    key: str
+    kind: str
+    make: Callable[[], ChatRequest]
+    #: Stored with the completion (e.g. the model's box frame, needed to read its boxes later).
+    meta: Callable[[], Mapping[str, Any]] | None = None
+
+
+class Runner:
+    """Runs calls through one backend in batches of `batch_size`, skipping those already stored."""
+
+    def __init__(self, backend: Backend, store: CompletionStore, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"generation.batch_size: must be >= 1, got {batch_size}")
+        self.backend, self.store, self.batch_size = backend, store, batch_size
+        self.generated = 0
+        self.reused = 0
+
+    def run(self, calls: Iterable[Call]) -> None:
+        pending: list[tuple[Call, ChatRequest]] = []
+        for call in calls:
+            if self.store.get(call.key, call.kind) is not None:
+                self.reused += 1
+                continue
+            pending.append((call, call.make()))
+            if len(pending) >= self.batch_size:
+                self._flush(pending)
+                pending = []
+        if pending:
+            self._flush(pending)
+
+    def _flush(self, pending: list[tuple[Call, ChatRequest]]) -> None:
+        results = self.backend.generate_each([request for _, request in pending])
+        for (call, _), result in zip(pending, results):
+            entry: dict[str, Any] = dict(call.meta() if call.meta else {})
+            if isinstance(result, RequestFailed):
+                entry["failed"] = str(result)
+            else:
+                entry["completion"] = result
+            self.store.put(call.key, call.kind, entry)
+        self.generated += len(pending)
+        log.info("eval: %d calls generated, %d reused from a previous run", self.generated, self.reused)
+
+    def completion(self, key: str, kind: str) -> str | None:
+        """The stored completion; None when the call failed for good or was never made."""
+        entry = self.store.get(key, kind)
+        return None if entry is None else entry.get("completion")
+
+    def entry(self, key: str, kind: str) -> dict[str, Any] | None:
+        return self.store.get(key, kind)
+
+
+def jpeg_bytes(image: Any, quality: int = 95) -> bytes:
+    """A PIL image as JPEG bytes (what `LabelledImage` carries)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def request_from_messages(messages: list[dict[str, Any]], images: list[Any], *, max_new_tokens: int,
+                          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                          context: Mapping[str, Any] | None = None) -> ChatRequest:
+    """A chat rendered by `train.data.render_example` (prompt part) as a `ChatRequest`: the text
+    before each image becomes that image's label, the text after the last image the prompt."""
+    system = None
+    labelled: list[LabelledImage] = []
+    texts: list[str] = []
+    remaining = iter(images)
+    for message in messages:
+        parts = message["content"]
+        if isinstance(parts, str):
+            parts = [{"type": "text", "text": parts}]
+        if message["role"] == "system":
+            system = "".join(p.get("text", "") for p in parts)
+            continue
+        if message["role"] != "user":
+            continue
+        for part in parts:
+            if part.get("type") == "image":
+                labelled.append(LabelledImage(jpeg=jpeg_bytes(next(remaining)), label="".join(texts).strip()))
+                texts = []
+            else:
+                texts.append(part.get("text", ""))
+    return ChatRequest(prompt="".join(texts).strip(), images=tuple(labelled), system=system,
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                       context=dict(context or {}))
