@@ -108,9 +108,13 @@ def build_run(run, n: int = 12) -> dict[str, Any]:
     from stages.schema import to_table
     from stages.shard import Shard
 
+    from stages.evidence import split_sections
+
+    responses = [grounded_response(1.0 + (i % 4), shift=0.4 if i % 3 == 0 else 0.0) for i in range(n)]
+    # as annotate leaves them: the raw response, and its <think> part as the reasoning
     records = [make_record(i, with_jpeg=True, task="spatio_temporal", answer_span=[0.0, 5.0],
-                           response=grounded_response(1.0 + (i % 4), shift=0.4 if i % 3 == 0 else 0.0))
-               for i in range(n)]
+                           response=response, reasoning=split_sections(response).think)
+               for i, response in enumerate(responses)]
     nodes = {"align": [], "filter": ["align"], "shard": ["filter"]}
     (run).mkdir(parents=True, exist_ok=True)
     plan = {"build_id": run.name, "nodes": {name: {"node": name, "stage": name, "fingerprint": FINGERPRINTS[name],

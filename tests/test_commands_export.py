@@ -1,0 +1,62 @@
+"""`stgr export`: upstream Open-o3 STGR json with key-frame JPEGs, and verl RL Parquet."""
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from stages.commands.export import OPEN_O3_TASKS, question_text
+from stages.schema import TASKS
+from tests.record_factory import SQUARE_BOX, build_run, circle_box
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "run"
+    return path, build_run(path, n=9)
+
+
+def test_open_o3_json_and_key_frames(run, tmp_path, capsys):
+    path, fates = run
+    out = tmp_path / "o3"
+    assert main(["export", str(path), "--format", "open-o3", "--out", str(out)]) == 0
+    entries = json.loads((out / "STGR-SFT.json").read_text()) + json.loads((out / "STGR-RL.json").read_text())
+    assert sorted(e["id"] for e in entries) == sorted(fates["kept"])
+    entry = entries[0]
+    assert entry["task"] == "temporal-spatial free-form QA" and entry["video_path"].endswith(".mp4")
+    assert entry["reasoning_process"].startswith("The <obj>red circle</obj>")  # no <think> wrapper
+    assert entry["key_frames"] == [{"idx": 0, "time": 2.0, "path": f"{entry['id']}/0.jpg"}]
+    assert entry["key_items"] == {"0": {"red circle": [circle_box(2.0)], "blue square": [SQUARE_BOX]}}
+    # the key frame written is the sampled frame at 2.0 s: the circle is where the ground truth says
+    image = Image.open(out / "kfs" / entry["key_frames"][0]["path"]).convert("RGB")
+    x1, y1, x2, y2 = circle_box(2.0)
+    r, g, b = image.getpixel((int((x1 + x2) / 2 * image.width), int((y1 + y2) / 2 * image.height)))
+    assert r > 150 and g < 100 and b < 100
+
+
+def test_verl_parquet(run, tmp_path, capsys):
+    path, fates = run
+    out = tmp_path / "verl" / "rl.parquet"
+    assert main(["export", str(path / "dataset"), "--format", "verl", "--out", str(out), "--split", "rl"]) == 0
+    frame = pd.read_parquet(out)
+    rl_ids = pd.read_parquet(path / "dataset" / "stgr-rl")["id"].tolist()
+    assert sorted(e["id"] for e in frame["extra_info"]) == sorted(rl_ids)
+    row = frame.iloc[0]
+    assert row["reward_model"] == {"style": "rule", "ground_truth": "It is in the middle of the frame."}
+    user = row["prompt"][1]["content"]
+    assert row["prompt"][0]["role"] == "system" and user.count("<image>") == len(row["images"]) == 12
+    assert user.startswith("Frame 1 at 0 s: <image>") and user.endswith("passes the middle?")
+    Image.open(io.BytesIO(row["images"][0]["bytes"])).verify()
+    assert row["ability"] == "spatio_temporal" and row["data_source"] == "stgr/synthetic"
+    assert json.loads(row["extra_info"]["key_frames"])[0]["t_s"] == 2.0
+    assert list(row["extra_info"]["answer_span"]) == [0.0, 5.0]
+
+
+def test_every_task_has_an_upstream_name_and_options_are_lettered():
+    assert set(OPEN_O3_TASKS) == set(TASKS)
+    record = {"question": "What happens?", "options": ["it stops", "B. it turns"]}
+    assert question_text(record) == "What happens?\nA. it stops\nB. it turns"
