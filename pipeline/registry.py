@@ -8,6 +8,8 @@ names up here, so adding a stage never touches an `if name == ...` chain.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from importlib.metadata import entry_points
 from typing import Callable, Iterable, TypeVar
 
@@ -40,9 +42,17 @@ def load_entry_points(group: str) -> dict[str, object]:
 
 
 def load_plugins(modules: Iterable[str] = ()) -> None:
-    """Import the installed stage plugins and any extra modules a config names."""
+    """Import the installed stage plugins and any extra modules a config names.
+
+    Extra modules resolve from the working directory too, as they would with `python -m`, so a
+    project's own stages need no packaging to be used in a build.
+    """
     if "stgr.stages" not in _loaded_groups:
-        load_entry_points("stgr.stages")
+        for hook in load_entry_points("stgr.stages").values():
+            hook()
+    modules = list(modules)
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for name in modules:
         importlib.import_module(name)
 

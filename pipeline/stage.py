@@ -121,6 +121,7 @@ class UnitContext:
     run_path: str
     filesystem: Any
     build_id: str
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
 
 
 class Stage:

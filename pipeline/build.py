@@ -1,0 +1,86 @@
+"""`stgr build` / `stgr resume`: validate, connect to Ray, run what is not committed, report."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import ray
+from omegaconf import OmegaConf
+
+from pipeline.config import compose, from_yaml, to_yaml, validate
+from pipeline.errors import ConfigError
+from pipeline.executor import execute, resolve_nodes, write_plan
+from pipeline.progress import Progress
+from pipeline.rundir import RunDir
+
+log = logging.getLogger("stgr")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker gets: the driver's import path (plugins) and offline flags."""
+    paths = [os.getcwd(), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "STGR_FIXTURES", "HF_HOME"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def connect(cluster: dict[str, Any]) -> bool:
+    """Join `cluster.address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
+    if ray.is_initialized():
+        return False
+    address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return True
+    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": runtime_env}
+    if cluster.get("num_cpus"):
+        kwargs["num_cpus"] = int(cluster["num_cpus"])
+    if cluster.get("temp_dir"):
+        kwargs["_temp_dir"] = str(cluster["temp_dir"])
+    ray.init(**kwargs)
+    return True
+
+
+def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
+              interactive: bool | None = None, config_dir: str | None = None, config_name: str = "build") -> int:
+    """Build (or continue) the run in `run_dir`. 0 when every unit committed, 1 otherwise.
+
+    Raises ConfigError/InputError (exit 2) before anything is written when the config or an input
+    file is unusable.
+    """
+    run = RunDir.open(run_dir)
+    if resume:
+        if not run.exists("config.yaml"):
+            raise ConfigError(f"run: {run.uri} has no config.yaml; start it with `stgr build --run {run_dir}`")
+        config = from_yaml(run.read_text("config.yaml"))
+        if overrides:
+            raise ConfigError("overrides: `stgr resume` reuses the stored config; use `stgr build` to change it")
+    else:
+        config = OmegaConf.to_container(compose(overrides, config_name, Path(config_dir).resolve() if config_dir else None), resolve=True)
+    plan = validate(config)
+    states = resolve_nodes(plan)
+    build_id = config.get("build_id") or Path(run.path).name
+    run.makedirs("")
+    run.write_text("config.yaml", to_yaml(config))
+    write_plan(run, states, build_id)
+    started = connect(config.get("cluster") or {})
+    try:
+        totals = {n: s.partitions for n, s in states.items()}
+        with Progress(totals, interactive) as progress:
+            outcome = execute(run, plan, states, build_id, progress.update, {"env_vars": worker_env()})
+    finally:
+        if started:
+            ray.shutdown()
+    for unit, error in sorted(outcome.failed.items(), key=lambda kv: kv[0].key()):
+        print(f"FAILED {unit.key()}: {error.splitlines()[0]}", file=sys.stderr)
+    if outcome.pending:
+        print(f"{len(outcome.pending)} unit(s) not run because an input failed", file=sys.stderr)
+    print(f"{run.uri}: {len(outcome.committed)} unit(s) committed, {len(outcome.reused)} reused, "
+          f"{len(outcome.failed)} failed, {len(outcome.pending)} blocked", file=sys.stderr)
+    return 0 if outcome.ok else 1

@@ -1,0 +1,60 @@
+"""Ray Jobs: `stgr build --submit` runs the driver on the cluster, so the user's terminal may go.
+
+The job id and address are written to `<run>/job.json`; `--follow` reads them back, so any machine
+that sees the run directory can attach to the log.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Sequence
+
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+
+
+def _address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("--submit: no cluster address; set RAY_ADDRESS (e.g. http://head:8265) or pass --address")
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def submit(run_dir: str, overrides: Sequence[str], address: str | None = None) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.build import worker_env
+    from pipeline.cli import command_line
+
+    address = _address(address)
+    run = RunDir.open(run_dir)
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=command_line(run.uri, overrides),
+                               runtime_env={"env_vars": worker_env()},
+                               metadata={"stgr_run": run.uri})
+    run.makedirs("")
+    run.write_text("job.json", json.dumps({"job_id": job_id, "address": address, "submitted_at": time.time(),
+                                           "overrides": list(overrides)}, indent=2))
+    return job_id
+
+
+def follow(run: RunDir) -> int:
+    """Print the job's log until it ends; exit code 0 only if the job succeeded."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    if not run.exists("job.json"):
+        raise UserError(f"--follow: {run.uri} has no job.json; submit the build with --submit first")
+    job = json.loads(run.read_text("job.json"))
+    client = JobSubmissionClient(job["address"])
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job["job_id"]):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job["job_id"])
+    return 0 if status == JobStatus.SUCCEEDED else 1

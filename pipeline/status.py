@@ -1,0 +1,59 @@
+"""`stgr status DIR`: what is done, failed and pending, read from the run directory alone.
+
+Needs no stage code and no Ray: plan.json names each node's fingerprint and partition count, and
+the commit/error records say the rest, so it works from any machine that sees the run directory.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.rundir import RunDir, part_name
+
+
+def run_status(run: RunDir) -> dict[str, Any]:
+    plan = json.loads(run.read_text("plan.json"))
+    nodes = []
+    for node, info in plan["nodes"].items():
+        stage_dir = f"stages/{node}/{info['fingerprint']}"
+        names = set(run.list_dir(stage_dir))
+        row: dict[str, Any] = {"node": node, "stage": info["stage"], "fingerprint": info["fingerprint"],
+                               "partitions": info["partitions"], "done": 0, "failed": 0, "retrying": 0,
+                               "pending": 0, "rows_in": 0, "rows_out": 0, "rows_rejected": 0,
+                               "seconds": 0.0, "errors": []}
+        for p in range(info["partitions"]):
+            base = part_name(p)
+            if f"{base}.json" in names:
+                record = json.loads(run.read_text(f"{stage_dir}/{base}.json"))
+                row["done"] += 1
+                for key in ("rows_in", "rows_out", "rows_rejected", "seconds"):
+                    row[key] += record.get(key, 0)
+            elif f"{base}.error.json" in names:
+                error = json.loads(run.read_text(f"{stage_dir}/{base}.error.json"))
+                row["failed" if error.get("final") else "retrying"] += 1
+                row["errors"].append({"partition": p, "unit": f"{node}/{base}", "attempt": error.get("attempt"),
+                                      "error": error.get("error", "")})
+            else:
+                row["pending"] += 1
+        row["seconds"] = round(row["seconds"], 3)
+        nodes.append(row)
+    complete = all(n["done"] == n["partitions"] for n in nodes)
+    return {"run": run.uri, "build_id": plan.get("build_id"), "complete": complete, "stages": nodes}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    header = ("stage", "done", "failed", "pending", "rows in", "rows out", "rejected", "seconds")
+    rows = [header]
+    for n in status["stages"]:
+        pending = n["pending"] + n["retrying"]
+        rows.append((n["node"], f"{n['done']}/{n['partitions']}", str(n["failed"]), str(pending), str(n["rows_in"]),
+                     str(n["rows_out"]), str(n["rows_rejected"]), f"{n['seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"run {status['run']} ({'complete' if status['complete'] else 'incomplete'})"]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    for n in status["stages"]:
+        for e in n["errors"]:
+            first = e["error"].strip().splitlines()[0] if e["error"].strip() else ""
+            lines.append(f"FAILED {e['unit']} (attempt {e['attempt']}): {first}")
+    return "\n".join(lines)

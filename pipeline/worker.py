@@ -1,0 +1,104 @@
+"""What runs on a Ray worker: read one unit's input from the run directory, process, commit.
+
+Inputs travel through the run directory, not the object store: a committed unit is then the only
+truth a resumed build needs, and a unit can run on any node that sees the run directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.registry import STAGES, load_plugins
+from pipeline.rundir import RunDir, Unit, commit, is_committed
+from pipeline.stage import Stage, UnitContext
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """Everything a worker needs to run one unit; small and picklable."""
+
+    run_uri: str
+    unit: Unit
+    stage_name: str
+    config: dict[str, Any]
+    inputs: tuple[Unit, ...]
+    num_partitions: int
+    attempt: int
+    build_id: str
+    plugins: tuple[str, ...] = ()
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+class UnitFailed(Exception):
+    """A unit raised (not a single record: the whole partition); carries the formatted error."""
+
+
+_STAGE_CACHE: dict[tuple[str, str], Stage] = {}
+
+
+def _stage_for(task: UnitTask, ctx: UnitContext) -> Stage:
+    """One stage instance per worker process and fingerprint, so setup() runs once per worker."""
+    key = (task.stage_name, task.unit.fingerprint)
+    stage = _STAGE_CACHE.get(key)
+    if stage is None:
+        load_plugins(task.plugins)
+        stage = STAGES[task.stage_name](task.config)
+        stage.setup(ctx)
+        _STAGE_CACHE[key] = stage
+    return stage
+
+
+def _read_inputs(run: RunDir, inputs: tuple[Unit, ...]) -> tuple[pa.Table | None, list[str]]:
+    if not inputs:
+        return None, []
+    tables, digests = [], []
+    for unit in inputs:
+        with run.fs.open_input_stream(run.join(unit.data)) as f:
+            data = f.read()
+        digests.append(hashlib.sha256(data).hexdigest())
+        tables.append(pq.read_table(pa.BufferReader(data)))
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
+    return table, digests
+
+
+def run_unit(task: UnitTask) -> dict[str, Any]:
+    """Run and commit one unit; returns its commit summary. Raises UnitFailed with the traceback."""
+    run = RunDir.open(task.run_uri)
+    if is_committed(run, task.unit):
+        return {"skipped": True, "node": task.unit.node, "partition": task.unit.partition}
+    ctx = UnitContext(
+        stage=task.unit.node, partition=task.unit.partition, num_partitions=task.num_partitions,
+        attempt=task.attempt, fingerprint=task.unit.fingerprint, run_uri=task.run_uri,
+        run_path=run.path, filesystem=run.fs, build_id=task.build_id, fingerprints=task.fingerprints,
+    )
+    started = time.perf_counter()
+    try:
+        stage = _stage_for(task, ctx)
+        table, digests = _read_inputs(run, task.inputs)
+        result = stage.process(table, ctx)
+    except Exception as exc:  # noqa: BLE001 - reported to the driver, which counts attempts
+        raise UnitFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}") from None
+    seconds = time.perf_counter() - started
+    ledger_rows = [r.as_row(task.unit.node, task.attempt) for r in result.rejections]
+    record = {
+        "node": task.unit.node, "stage": task.stage_name, "partition": task.unit.partition,
+        "fingerprint": task.unit.fingerprint, "attempt": task.attempt,
+        "rows_in": 0 if table is None else table.num_rows, "rows_out": result.table.num_rows,
+        "rows_rejected": len(ledger_rows), "seconds": round(seconds, 4),
+        "inputs": [{"data": u.data, "sha256": d} for u, d in zip(task.inputs, digests)],
+    }
+    committed = commit(run, task.unit, result.table, ledger_rows, record)
+    return {**record, "skipped": not committed}
+
+
+class StageActor:
+    """A Ray actor holding one stage instance (and its model) for many units."""
+
+    def run(self, task: UnitTask) -> dict[str, Any]:
+        return run_unit(task)
