@@ -110,6 +110,14 @@ def name_agrees(claimed: str, gt_name: str) -> bool:
     return bool(gt_words) and gt_words <= _words(claimed)
 
 
+def check_time(claim: Mapping[str, Any], key_times: Sequence[float]) -> float | None:
+    """When a claimed box is checked: its snapped time, or for an untimed claim (a spatial question
+    about one moment) the record's single key frame; None when there is no such moment."""
+    if claim.get("t_s") is not None:
+        return claim.get("t_snapped")
+    return key_times[0] if len(key_times) == 1 else None
+
+
 # --- answers -------------------------------------------------------------------------------------------
 
 
@@ -197,12 +205,11 @@ def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, nam
             if not math.isnan(ts):
                 row["t_snapped"] = float(ts)
                 row["dt"] = float(ts - row["t_s"])
-    # where a box is checked: its snapped time, or the one key frame of an untimed (spatial) claim
     groups: dict[float, list[dict[str, Any]]] = {}
     for row in rows:
         if row["box"] is None:
             continue
-        when = row["t_snapped"] if row["t_s"] is not None else (key_times[0] if len(key_times) == 1 else None)
+        when = check_time(row, key_times)
         if when is not None:
             groups.setdefault(when, []).append(row)
     for when, group in groups.items():

@@ -1,0 +1,183 @@
+"""`verify` (optional): ask a vision-language model whether each claimed box shows what it names.
+
+For records whose boxes have no ground truth to check (general video QA annotated by a model), IoU
+cannot tell a good box from a hallucinated one; the paper checks such boxes by asking a VLM about
+the crop. For every claimed box this stage crops the frame the claim was checked on (see
+`stages.align.check_time`), asks `prompt` ("Is this a {object}? ...") through any backend of
+`stages.backends` (`verify.backend`, same config keys as `annotator`), and reads yes/no. It writes
+`scores.claims[].verified` and `scores.verify`, the fraction of boxes confirmed (1.0 when a trace
+claims no box), which the `verified` filter rule thresholds.
+
+Not in the default DAG. Add it between align and filter:
+
+    stgr build --run runs/a +verify=default verify.backend=transformers verify.model=/models/qwen \\
+        '+dag.verify={stage: verify, after: [align], config: verify}' 'dag.filter.after=[verify]' \\
+        filter.rules.verified.enabled=true
+
+Responses are cached under `<run>/cache/verify/` like annotate's, so a resumed build never pays twice.
+"""
+from __future__ import annotations
+
+import io
+import re
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.registry import register_stage
+from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_error
+from stages.align import GroundTruth, check_time
+from stages.annotate import FrameReader
+from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed, make_backend
+from stages.response_cache import ResponseCache
+from stages.schema import SCORES, conform
+
+CACHE_SUBDIR = "cache/verify"
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+#: Columns verify reads besides `scores`.
+INPUT_COLUMNS = ("id", "source_id", "media", "frames", "key_frames", "gt", "scores")
+
+
+def read_yes_no(text: str) -> bool:
+    """True when the first yes/no word of the answer is "yes"; anything else (no, or no verdict at
+    all) is not a confirmation."""
+    match = _YES_NO.search(text or "")
+    return bool(match) and match.group(1).lower() == "yes"
+
+
+def crop(jpeg: bytes, box: Sequence[float], padding: float, min_side: int, quality: int = 90) -> bytes:
+    """The box (canonical normalised xyxy) cut from the frame, grown by `padding` of its size on each
+    side (a little context helps a VLM name what it sees), at least `min_side` pixels a side."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as image:
+        image = image.convert("RGB")
+        w, h = image.size
+        x1, y1, x2, y2 = (float(v) for v in box)
+        pad_x, pad_y = padding * (x2 - x1), padding * (y2 - y1)
+        left, right = np.clip([x1 - pad_x, x2 + pad_x], 0.0, 1.0) * w
+        top, bottom = np.clip([y1 - pad_y, y2 + pad_y], 0.0, 1.0) * h
+        region = image.crop((int(left), int(top), max(int(right), int(left) + 1), max(int(bottom), int(top) + 1)))
+        if min(region.size) < min_side:
+            scale = min_side / min(region.size)
+            region = region.resize((max(1, round(region.width * scale)), max(1, round(region.height * scale))))
+        out = io.BytesIO()
+        region.save(out, format="JPEG", quality=quality)
+        return out.getvalue()
+
+
+@register_stage
+class Verify(Stage):
+    """Crop every claimed box, ask the VLM about it, record the verdicts in `scores`."""
+
+    name = "verify"
+    version = "1"
+    actor = True
+    required_keys = ("backend", "prompt")
+    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
+        "backend": str, "model": str, "prompt": str, "padding": (float, int), "min_side": int,
+        "batch_size": int, "max_new_tokens": int, "gt_tolerance_s": (float, int),
+    }
+    fingerprint_exclude = Stage.fingerprint_exclude + ("batch_size",)
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
+        problems = super().validate_config(config)
+        prompt = config.get("prompt")
+        if isinstance(prompt, str) and "{object}" not in prompt:
+            problems.append(f"prompt: must contain {{object}} (the claimed name), got {prompt!r}")
+        if "api_key" in config:
+            problems.append("api_key: never put a secret in the config; name its environment variable in api_key_env")
+        return problems
+
+    def setup(self, ctx: UnitContext) -> None:
+        self.backend: Backend = make_backend(self.config)
+
+    def _requests(self, record: Mapping[str, Any], reader: FrameReader) -> dict[int, ChatRequest]:
+        """Claim index -> the request about its crop, for every claim with a box and a moment."""
+        claims = (record.get("scores") or {}).get("claims") or []
+        key_times = GroundTruth(record, float(self.config.get("gt_tolerance_s", 0.25))).key_times
+        when = {j: check_time(c, key_times) for j, c in enumerate(claims) if c.get("box") is not None}
+        when = {j: t for j, t in when.items() if t is not None}
+        if not when:
+            return {}
+        frames = sorted(record.get("frames") or [], key=lambda f: (f["t_s"], f.get("index") or 0))
+        times = np.array([f["t_s"] for f in frames], dtype=np.float64)
+        images = reader.images(record)
+        requests = {}
+        for j, t in when.items():
+            frame = images[int(np.argmin(np.abs(times - t)))]
+            image = crop(frame.jpeg, claims[j]["box"], float(self.config.get("padding", 0.1)),
+                         int(self.config.get("min_side", 28)))
+            requests[j] = ChatRequest(
+                prompt=str(self.config["prompt"]).format(object=claims[j]["name"]),
+                images=(LabelledImage(jpeg=image),),
+                max_new_tokens=int(self.config.get("max_new_tokens", 8)),
+                temperature=0.0,
+                context={"task": "verify", "object": claims[j]["name"], "id": record.get("id"), "claim": j},
+            )
+        return requests
+
+    def _answers(self, ctx: UnitContext, by_key: Mapping[str, ChatRequest]) -> tuple[dict[str, str], dict[str, RequestFailed]]:
+        """Answers by cache key: cached ones read, the rest generated and cached batch by batch."""
+        cache = ResponseCache.for_run(ctx.filesystem, ctx.run_path, CACHE_SUBDIR) if self.backend.cacheable else None
+        answers = {k: e.response for k, e in cache.get_many(by_key).items()} if cache is not None else {}
+        failed: dict[str, RequestFailed] = {}
+        todo = [k for k in by_key if k not in answers]
+        size = int(self.config.get("batch_size", 8))
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            for key, result in zip(chunk, self.backend.generate_each([by_key[k] for k in chunk]), strict=True):
+                if isinstance(result, RequestFailed):
+                    if result.retryable:
+                        raise RuntimeError(f"verify: backend {self.backend.name!r} still failing after retries "
+                                           f"(answers so far are cached; the unit will be retried): {result}")
+                    failed[key] = result
+                    continue
+                if cache is not None:
+                    cache.put(key, self.backend.model_id, result)
+                answers[key] = result
+        return answers, failed
+
+    def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
+        if not hasattr(self, "backend"):
+            self.setup(ctx)
+        table = conform(table)
+        records = table.select(list(INPUT_COLUMNS)).to_pylist()
+        reader = FrameReader()
+        rejections: list[Rejection] = []
+        asked: dict[int, dict[int, str]] = {}  # row -> claim -> cache key
+        by_key: dict[str, ChatRequest] = {}
+        for i, record in enumerate(records):
+            try:
+                requests = self._requests(record, reader)
+            except Exception as exc:  # noqa: BLE001 - unreadable frames: that record goes to the ledger
+                rejections.append(record_error(record, exc))
+                continue
+            keys = {j: request.cache_key(self.backend.model_id) for j, request in requests.items()}
+            by_key.update({keys[j]: request for j, request in requests.items()})
+            asked[i] = keys
+        answers, failed = self._answers(ctx, by_key)
+        keep, scores = [], []
+        for i, keys in asked.items():
+            record = records[i]
+            bad = [failed[k] for k in keys.values() if k in failed]
+            if bad:
+                rejections.append(Rejection(id=record["id"], rule="verify_request_failed", record=record.get("source_id"),
+                                            reason=f"backend {self.backend.name!r} cannot answer: {bad[0]}",
+                                            error=f"RequestFailed: {bad[0]}"))
+                continue
+            score = dict(record["scores"] or {})
+            claims = [dict(c) for c in score.get("claims") or []]
+            for j, key in keys.items():
+                claims[j]["verified"] = read_yes_no(answers[key])
+            boxed = [c["verified"] for c in claims if c.get("box") is not None and c.get("verified") is not None]
+            score["claims"] = claims
+            score["verify"] = float(np.mean(boxed)) if boxed else 1.0
+            keep.append(i)
+            scores.append(score)
+        kept = table.take(pa.array(keep, pa.int64()))
+        column = pa.array(scores, type=SCORES)
+        return StageResult(kept.set_column(kept.schema.get_field_index("scores"), "scores", column), rejections)
