@@ -23,7 +23,7 @@ RATING_CONFIDENCE: tuple[float, float, float] = (0.2, 0.6, 1.0)
 #: Confidence of a sample that cites no box at a time (nothing to check).
 NO_EVIDENCE_CONFIDENCE = 0.2
 
-_RATING = re.compile(r"(?<![\d.])([012])(?![\d.])")
+_RATING = re.compile(r"(?<![\d.])([012])(?!\.?\d)")
 
 
 def parse_rating(text: str) -> int | None:
