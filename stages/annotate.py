@@ -22,7 +22,8 @@ What the stage writes:
 
 A record whose frames cannot be read, or whose request the backend can never complete (HTTP 400,
 a template task without the ground truth it needs), goes to the ledger; transient backend trouble
-that outlasts the backend's retries fails the unit, which the engine retries (cached calls are free).
+that outlasts the backend's retries fails the unit after every other response of the unit has been
+sent and cached, and the engine retries the unit (cached calls are free).
 """
 from __future__ import annotations
 
@@ -452,4 +453,9 @@ class AnnotateStage(Stage):
                 if cache is not None:
                     cache.put(key, backend.model_id, result)
                 responses[key] = result
+        transient = {k: f for k, f in failed.items() if f.retryable}
+        if transient:
+            first = next(iter(transient.values()))
+            raise RuntimeError(f"backend {backend.name!r}: {len(transient)} request(s) still failing after retries "
+                               f"(the {len(responses)} completed ones are cached; the unit will be retried): {first}")
         return responses, failed

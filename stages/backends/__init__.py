@@ -60,12 +60,18 @@ class ChatRequest:
 
 
 class RequestFailed(Exception):
-    """A request the backend will never complete, however often it is retried (e.g. HTTP 400).
+    """A request the backend could not complete, returned in place of its completion by `generate_each`.
 
-    Transient trouble (429, 5xx, timeouts) is retried inside the backend and, if it persists, raised
-    as an ordinary exception so the whole unit is retried; this one is about the request itself, so
-    the caller puts that record in the ledger and goes on with the rest.
+    `retryable=False`: the request itself is bad (HTTP 400, no ground truth for the template), and
+    retrying will not help: the caller puts that record in the ledger and goes on with the rest.
+    `retryable=True`: transient trouble (429, 5xx, timeouts) outlasted the backend's own retries:
+    the caller keeps the other results (they are paid for) and then fails the unit, so the engine
+    retries it later.
     """
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Backend(ABC):

@@ -1,0 +1,166 @@
+"""`openai`: any OpenAI-compatible chat-completions endpoint (`vllm serve`, `transformers serve`,
+Gemini's OpenAI-compatible API, hosted providers).
+
+Frames go as base64 `data:image/jpeg` URLs, each after its `Frame k at t s:` label. Requests run
+concurrently up to `concurrency` per actor (an asyncio semaphore over one pooled httpx client).
+429, 5xx, timeouts and dropped connections are retried with exponential backoff and jitter,
+honouring `Retry-After`; other 4xx mean the request itself is bad and come back as a non-retryable
+`RequestFailed` (that record goes to the ledger). Transient trouble that outlasts `max_retries`
+comes back as a retryable `RequestFailed`: the annotate stage caches every other response first,
+then fails the unit so the engine retries it (paying only for the missing calls).
+
+The API key is read from the environment variable named by `api_key_env` when the backend is built
+(on the worker); the key is never part of the config, which is stored in the run directory.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import threading
+from typing import Any, Mapping, Sequence
+
+from stages.backends import Backend, ChatRequest, RequestFailed, register_backend
+
+#: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
+    """The chat-completions request body: system text, then label/image pairs, then the prompt."""
+    content: list[dict[str, Any]] = []
+    for image in request.images:
+        if image.label:
+            content.append({"type": "text", "text": image.label})
+        url = "data:image/jpeg;base64," + base64.b64encode(image.jpeg).decode("ascii")
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    content.append({"type": "text", "text": request.prompt})
+    messages: list[dict[str, Any]] = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    messages.append({"role": "user", "content": content})
+    body: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": request.max_new_tokens,
+                            "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
+    body.update(dict(request.extra))
+    return body
+
+
+def completion_text(data: Any) -> str:
+    """The text of the first choice; content given as a list of parts is joined. Raises ValueError."""
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"response has no choices[0].message.content ({exc!r})") from None
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if not isinstance(content, str):
+        raise ValueError(f"choices[0].message.content is {type(content).__name__}, expected text")
+    return content
+
+
+@register_backend
+class OpenAIBackend(Backend):
+    """Chat completions over HTTP (see the module docstring). Config: base_url, model, api_key_env,
+    concurrency, timeout_s, max_retries, backoff_s, max_backoff_s."""
+
+    name = "openai"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.base_url = str(config.get("base_url") or "").rstrip("/")
+        if not self.base_url:
+            raise ValueError("annotator.base_url: required by the openai backend (e.g. http://127.0.0.1:8000/v1)")
+        self.model = config.get("model")
+        if not self.model:
+            raise ValueError("annotator.model: required by the openai backend (the served model's name)")
+        self.headers = {"Content-Type": "application/json"}
+        key_env = config.get("api_key_env")
+        if key_env:
+            key = os.environ.get(str(key_env))
+            if not key:
+                raise ValueError(f"annotator.api_key_env: the environment variable {key_env} is not set on this "
+                                 "worker (set it, or api_key_env=null for an endpoint without a key)")
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.concurrency = int(config.get("concurrency", 8))
+        self.timeout_s = float(config.get("timeout_s", 120))
+        self.max_retries = int(config.get("max_retries", 6))
+        self.backoff_s = float(config.get("backoff_s", 1.0))
+        self.max_backoff_s = float(config.get("max_backoff_s", 60.0))
+        if self.concurrency < 1 or self.max_retries < 0:
+            raise ValueError("annotator.concurrency must be >= 1 and annotator.max_retries >= 0")
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
+        out = []
+        for result in self.generate_each(requests):
+            if isinstance(result, RequestFailed):
+                raise result
+            out.append(result)
+        return out
+
+    def generate_each(self, requests: Sequence[ChatRequest]) -> list[str | RequestFailed]:
+        coroutine = self._generate_all(list(requests))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coroutine)
+        # Called from inside an event loop (a notebook, an async actor): run ours on its own thread.
+        box: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: box.update(result=asyncio.run(coroutine)))
+        thread.start()
+        thread.join()
+        return box["result"]
+
+    async def _generate_all(self, requests: list[ChatRequest]) -> list[str | RequestFailed]:
+        import httpx
+
+        semaphore = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(base_url=self.base_url, headers=self.headers, limits=limits,
+                                     timeout=httpx.Timeout(self.timeout_s)) as client:
+            return list(await asyncio.gather(*(self._one(client, semaphore, r) for r in requests)))
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        """Exponential backoff with jitter (half to full step), at least what Retry-After asks."""
+        step = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
+        delay = step * random.uniform(0.5, 1.0)
+        if retry_after:
+            try:
+                delay = max(delay, min(self.max_backoff_s, float(retry_after)))
+            except ValueError:
+                pass
+        return delay
+
+    async def _one(self, client: Any, semaphore: asyncio.Semaphore, request: ChatRequest) -> str | RequestFailed:
+        import httpx
+
+        body = chat_body(request, str(self.model))
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            async with semaphore:
+                try:
+                    response = await client.post("/chat/completions", json=body)
+                except httpx.TimeoutException as exc:
+                    last = f"timeout after {self.timeout_s:g} s ({type(exc).__name__})"
+                except httpx.TransportError as exc:
+                    last = f"connection error: {type(exc).__name__}: {exc}"
+                else:
+                    status = response.status_code
+                    if status == 200:
+                        try:
+                            return completion_text(response.json())
+                        except ValueError as exc:
+                            last = f"HTTP 200 with an unreadable body: {exc}"
+                    elif status in RETRY_STATUS or status >= 500:
+                        last = f"HTTP {status}: {response.text[:300]}"
+                        retry_after = response.headers.get("retry-after")
+                    else:
+                        return RequestFailed(f"HTTP {status} from {self.base_url}/chat/completions: "
+                                             f"{response.text[:500]}", retryable=False)
+            if attempt < self.max_retries:
+                await asyncio.sleep(self._delay(attempt, retry_after))
+        return RequestFailed(f"{self.base_url}/chat/completions: gave up after {self.max_retries + 1} attempts; "
+                             f"last: {last}", retryable=True)
