@@ -214,13 +214,13 @@ def test_synthetic_answers_agree_with_the_ground_truth(tmp_path: Path) -> None:
     assert len(rows) >= 8 * 4
     for record in rows:
         spans = {(s["start_s"], s["end_s"]) for s in record["gt"]["spans"]}
-        if record["task"] in ("temporal", "temporal_mcq"):
+        if record["task"] in ("spatio_temporal", "temporal", "temporal_mcq"):
             start, end = record["answer_span"]
             assert start < end
             stop = (start, end) in spans
             visible = any(o["track"][0]["t_s"] == start for o in record["gt"]["objects"])
             assert stop or visible, record["question"]
-        if record["task"] == "temporal":
+        if record["task"] in ("spatio_temporal", "temporal"):
             assert json.loads(record["answer"]) == pytest.approx(record["answer_span"], abs=0.01)
         if record["task"] in ("temporal_mcq", "general_mcq"):
             letters = [o.split(". ", 1)[0] for o in record["options"]]
@@ -229,3 +229,13 @@ def test_synthetic_answers_agree_with_the_ground_truth(tmp_path: Path) -> None:
             for obj in kf["objects"]:
                 track = next(o["track"] for o in record["gt"]["objects"] if o["name"] == obj["name"])
                 assert {"t_s": kf["t_s"], "box": obj["box"]} in track
+
+
+def test_synthetic_ground_truth_lists_the_subject_first(tmp_path: Path) -> None:
+    _, result = build(SYNTHETIC, tmp_path)
+    for record in result.table.to_pylist():
+        named = [o["name"] for kf in record["key_frames"] for o in kf["objects"]]
+        assert record["gt"]["objects"][0]["name"] == named[0]
+        first = record["gt"]["spans"][0]
+        if record["task"] in ("spatio_temporal", "temporal", "temporal_mcq"):
+            assert [first["start_s"], first["end_s"]] == record["answer_span"] and named[0] in first["label"]

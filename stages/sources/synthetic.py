@@ -5,8 +5,8 @@ Units: the scene is simulated on its own frame timeline (frame i at i / fps s), 
 pixel extents normalised by the frame size, so key frames, tracks and spans are exact, not estimates.
 
 Each scene becomes up to one record per task in `tasks`, all about the same video:
-- `spatio_temporal`: when and where something happens ("When does the red circle stop moving, and
-  where is it while it stays still?"), answer in words, `answer_span` and boxes at key times;
+- `spatio_temporal`: when and where a state lasts ("When does the red circle stand still, and where is
+  it while it does?"), answer `[start, end]` seconds, `answer_span` and boxes at start, middle and end;
 - `temporal`: a time span as `[start, end]` seconds (how long an object stands still or is visible);
 - `temporal_mcq`: the same kind of span among four options, answer a letter;
 - `spatial`: the box of an object at a given time, answer `[x1, y1, x2, y2]` normalised;
@@ -37,17 +37,6 @@ LETTERS = "ABCDEFGH"
 def _num(t: float) -> str:
     """A time or coordinate as written in questions and answers: at most 2 decimals, no trailing zeros."""
     return f"{round(float(t), 2):.2f}".rstrip("0").rstrip(".")
-
-
-def _region(box: Sequence[float]) -> str:
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    col = ("left", "centre", "right")[min(2, int(cx * 3))]
-    row = ("top", "middle", "bottom")[min(2, int(cy * 3))]
-    if row == "middle" and col == "centre":
-        return "centre"
-    if row == "middle":
-        return f"{col} side"
-    return f"{row} {col}" if col != "centre" else f"{row} centre"
 
 
 def _box_text(box: Sequence[float]) -> str:
@@ -118,34 +107,21 @@ def _writer(task: str) -> Callable[[Writer], Writer]:
 
 @_writer("spatio_temporal")
 def _spatio_temporal(c: _Context) -> dict[str, Any] | None:
-    stops = c.events("stops")
-    if stops:
-        e = c.pick(stops)
+    candidates: list[tuple[str, str, tuple[float, float]]] = []
+    for e in c.events("stops"):
         name = e.objects[0]
-        mid = c.key_frame((e.start_s + e.end_s) / 2, [name])
-        where = _region(mid["objects"][0]["box"])
-        return {"question": f"When does the {name} stop moving, and where is it while it stays still?",
-                "answer": f"The {name} stays still from {_num(e.start_s)} s to {_num(e.end_s)} s, in the {where} of the frame.",
-                "answer_span": [e.start_s, e.end_s],
-                "key_frames": [c.key_frame(e.start_s, [name]), mid, c.key_frame(e.end_s, [name])]}
-    events = c.events("changes_colour", "touches", "enters")
-    if not events:
+        candidates.append((f"When does the {name} stand still, and where is it while it does?", name, (e.start_s, e.end_s)))
+    for obj in c.scene.objects:
+        start, end = c.visible_span(obj.name)
+        if start > 0 or end < c.scene.time(c.scene.num_frames - 1):
+            candidates.append((f"When is the {obj.name} in view, and where does it move meanwhile?", obj.name, (start, end)))
+    if not candidates:
         return None
-    e = c.pick(events)
-    frame = c.key_frame(e.start_s, e.objects)
-    if not frame["objects"]:
-        return None
-    where = _region(frame["objects"][0]["box"])
-    if e.kind == "touches":
-        question = f"When do the {e.objects[0]} and the {e.objects[1]} first touch, and where?"
-        answer = f"They first touch at {_num(e.start_s)} s, in the {where} of the frame."
-    elif e.kind == "changes_colour":
-        question = f"When does the {e.objects[0]} change colour, and where is it at that moment?"
-        answer = f"At {_num(e.start_s)} s the {e.objects[0]} turns {e.detail['to']}, in the {where} of the frame."
-    else:
-        question = f"When does the {e.objects[0]} appear, and where does it come in?"
-        answer = f"The {e.objects[0]} enters from the {e.detail['edge']} at {_num(e.start_s)} s, in the {where} of the frame."
-    return {"question": question, "answer": answer, "answer_span": [e.start_s, e.end_s], "key_frames": [frame]}
+    question, name, (start, end) = c.pick(candidates)
+    frames = _span_key_frames(c, name, (start, end))
+    middle = c.key_frame((start + end) / 2, [name])
+    return {"question": question, "answer": f"[{_num(start)}, {_num(end)}]", "answer_span": [start, end],
+            "key_frames": [frames[0], middle, frames[-1]] if middle["objects"] else frames}
 
 
 def _span_question(c: _Context) -> tuple[str, str, tuple[float, float]] | None:
@@ -365,7 +341,9 @@ class SyntheticAdapter(Adapter):
         rng = np.random.default_rng([seed, int(entry), 1])
         c = _Context(scene, rng)
         gt = {"objects": [{"name": o.name, "track": scene.track(o)} for o in scene.objects if o.visible.any()],
-              "spans": [{"label": c.phrase(e), "start_s": e.start_s, "end_s": e.end_s} for e in scene.events]}
+              "spans": [{"label": c.phrase(e), "start_s": e.start_s, "end_s": e.end_s} for e in scene.events]
+              + [{"label": f"the {o.name} is in view", "start_s": a, "end_s": b} for o in scene.objects
+                 for a, b in [c.visible_span(o.name)] if a > 0 or not o.visible[-1]]}
         meta = meta_dump({"scene": scene.name, "seed": seed, "events": [
             {"kind": e.kind, "objects": list(e.objects), "start_s": e.start_s, "end_s": e.end_s, **e.detail}
             for e in scene.events]})
@@ -377,8 +355,27 @@ class SyntheticAdapter(Adapter):
             if written is None:
                 continue
             records.append(make_record(source="synthetic", source_id=f"{seed}/{scene.name}", task=task,
-                                       media=declared, gt=gt, meta=meta, **written))
+                                       media=declared, gt=_focus(gt, written), meta=meta, **written))
         return records
+
+
+def _focus(gt: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """The scene's ground truth with the record's subject first: its object(s), then its span.
+
+    Consumers read `gt.objects[0]` as the object a record is about and `gt.spans[0]` as its event (the
+    template annotator does), while the rest of the scene stays available as context.
+    """
+    subjects = list(dict.fromkeys(o["name"] for kf in written.get("key_frames") or [] for o in kf["objects"]))
+    rank = {name: i for i, name in enumerate(subjects)}
+    objects = sorted(gt["objects"], key=lambda o: rank.get(o["name"], len(rank)))
+    span = written.get("answer_span")
+
+    def span_key(s: dict[str, Any]) -> tuple[int, int]:
+        about = next((rank[n] for n in subjects if f"the {n} " in s["label"] + " "), len(rank))
+        exact = span is not None and [s["start_s"], s["end_s"]] == list(span)
+        return (0 if exact and about < len(rank) else 1, about)
+
+    return {"objects": objects, "spans": sorted(gt["spans"], key=span_key)}
 
 
 def _exists(path: str, filesystem: Any) -> bool:
