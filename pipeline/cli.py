@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from typing import Sequence
@@ -22,7 +23,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.submit:
         from pipeline.jobs import submit
 
-        job_id = submit(args.run, args.overrides, args.address)
+        job_id = submit(args.run, build_args(args), args.address)
         print(job_id)
         if args.follow:
             from pipeline.jobs import follow
@@ -95,9 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
-def command_line(run: str, overrides: Sequence[str]) -> str:
+def build_args(args: argparse.Namespace) -> list[str]:
+    """The arguments after `--run DIR` that a submitted job must repeat (config location, overrides)."""
+    extra = []
+    if args.config_dir:
+        extra += ["--config-dir", os.path.abspath(args.config_dir)]
+    if args.config_name != "build":
+        extra += ["--config-name", args.config_name]
+    return [*extra, *args.overrides]
+
+
+def command_line(run: str, arguments: Sequence[str]) -> str:
     """The `stgr build` command a Ray Job runs for `--submit`."""
-    return shlex.join(["stgr", "build", "--run", run, *overrides])
+    return shlex.join(["stgr", "build", "--run", run, *arguments])
 
 
 if __name__ == "__main__":

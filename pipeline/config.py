@@ -31,7 +31,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "build", conf_dir:
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"config: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"config: {' '.join(str(exc).split())}") from exc
     return cfg
 
 

@@ -24,7 +24,7 @@ def _address(address: str | None) -> str:
     return address
 
 
-def submit(run_dir: str, overrides: Sequence[str], address: str | None = None) -> str:
+def submit(run_dir: str, arguments: Sequence[str], address: str | None = None) -> str:
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.build import worker_env
@@ -33,12 +33,12 @@ def submit(run_dir: str, overrides: Sequence[str], address: str | None = None) -
     address = _address(address)
     run = RunDir.open(run_dir)
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=command_line(run.uri, overrides),
+    job_id = client.submit_job(entrypoint=command_line(run.uri, arguments),
                                runtime_env={"env_vars": worker_env()},
                                metadata={"stgr_run": run.uri})
     run.makedirs("")
     run.write_text("job.json", json.dumps({"job_id": job_id, "address": address, "submitted_at": time.time(),
-                                           "overrides": list(overrides)}, indent=2))
+                                           "arguments": list(arguments)}, indent=2))
     return job_id
 
 
