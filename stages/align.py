@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageResult, UnitContext, record_error
@@ -58,24 +59,58 @@ class GroundTruth:
     the same name already gave a box there.
     """
 
-    def __init__(self, record: Mapping[str, Any], tolerance: float) -> None:
+    def __init__(self, tracks: list[tuple[str, np.ndarray, np.ndarray]],
+                 key_frames: list[tuple[float, list[tuple[str, Sequence[float]]]]], tolerance: float) -> None:
+        """`tracks`: (name, sorted times (T,), boxes (T, 4)); `key_frames`: (time, [(name, box)])."""
+        self.tracks = tracks
+        self.key_frames = key_frames
         self.tolerance = tolerance
-        self.tracks: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    @staticmethod
+    def _key_frames(key_frames: Sequence[Mapping[str, Any]] | None) -> list[tuple[float, list[tuple[str, Sequence[float]]]]]:
+        return [(float(kf["t_s"]), [(o.get("name") or "", o["box"]) for o in kf.get("objects") or () if o.get("box") is not None])
+                for kf in key_frames or () if kf.get("t_s") is not None]
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], tolerance: float) -> "GroundTruth":
+        """From one record as Python values (`gt` and `key_frames`)."""
+        tracks = []
         for obj in ((record.get("gt") or {}).get("objects") or ()):
             points = [p for p in obj.get("track") or () if p.get("box") is not None and p.get("t_s") is not None]
             if points:
                 order = np.argsort([p["t_s"] for p in points], kind="stable")
                 times = np.array([points[i]["t_s"] for i in order], dtype=np.float64)
                 boxes = np.array([points[i]["box"] for i in order], dtype=np.float64)
-                self.tracks.append((obj.get("name") or "", times, boxes))
-        self.key_frames = [
-            (float(kf["t_s"]), [(o.get("name") or "", o["box"]) for o in kf.get("objects") or () if o.get("box") is not None])
-            for kf in record.get("key_frames") or () if kf.get("t_s") is not None
-        ]
+                tracks.append((obj.get("name") or "", times, boxes))
+        return cls(tracks, cls._key_frames(record.get("key_frames")), tolerance)
 
-    @property
-    def empty(self) -> bool:
-        return not self.tracks and not any(objs for _, objs in self.key_frames)
+    @classmethod
+    def for_table(cls, table: pa.Table, tolerance: float) -> list["GroundTruth"]:
+        """One per row, with the tracks taken straight from Arrow buffers: per-frame tracks are most
+        of a partition's values, and turning them into Python dicts would dominate align's time."""
+        objects = pc.struct_field(table.column("gt").combine_chunks(), "objects")
+        flat_objects = pc.list_flatten(objects)
+        object_row = pc.list_parent_indices(objects).to_numpy(zero_copy_only=False)
+        names = pc.fill_null(pc.struct_field(flat_objects, "name"), "").to_pylist()
+        tracks = pc.struct_field(flat_objects, "track")
+        points = pc.list_flatten(tracks)
+        point_object = pc.list_parent_indices(tracks).to_numpy(zero_copy_only=False)
+        times = pc.fill_null(pc.struct_field(points, "t_s"), np.nan).to_numpy(zero_copy_only=False)
+        box = pc.struct_field(points, "box")
+        has_box = box.is_valid().to_numpy(zero_copy_only=False)
+        boxes = np.full((len(points), 4), np.nan)
+        boxes[has_box] = pc.fill_null(pc.list_flatten(box), np.nan).to_numpy(zero_copy_only=False).reshape(-1, 4)
+        keep = has_box & ~np.isnan(times)
+        order = np.lexsort((times[keep], point_object[keep]))
+        point_object, times, boxes = point_object[keep][order], times[keep][order], boxes[keep][order]
+        bounds = np.searchsorted(point_object, np.arange(len(names) + 1))
+        per_row: list[list[tuple[str, np.ndarray, np.ndarray]]] = [[] for _ in range(table.num_rows)]
+        for k, name in enumerate(names):
+            lo, hi = bounds[k], bounds[k + 1]
+            if hi > lo:
+                per_row[object_row[k]].append((name, times[lo:hi], boxes[lo:hi]))
+        key_frames = table.column("key_frames").to_pylist()
+        return [cls(per_row[i], cls._key_frames(key_frames[i]), tolerance) for i in range(table.num_rows)]
 
     @property
     def key_times(self) -> list[float]:
@@ -173,8 +208,9 @@ the record has no ground-truth answer of that kind to compare with."""
 
 
 def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, name_weight: float = 0.5,
-                 answer_ok_at: float = 0.5) -> dict[str, Any]:
-    """The `scores` struct of one record (see docs/schema.md for every field)."""
+                 answer_ok_at: float = 0.5, gt: GroundTruth | None = None) -> dict[str, Any]:
+    """The `scores` struct of one record (see docs/schema.md for every field); `gt` saves rebuilding
+    the record's ground truth where the caller has it (read from `record` otherwise)."""
     response = record.get("response")
     text = response if response is not None else record.get("reasoning")
     trace = evidence.parse_trace(text)
@@ -190,7 +226,7 @@ def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, nam
             problems.append(f"missing_evidence: a {task} trace needs grounded evidence the response lacks")
 
     frame_times = _frame_times(record.get("frames"))
-    gt = GroundTruth(record, gt_tolerance_s)
+    gt = gt if gt is not None else GroundTruth.from_record(record, gt_tolerance_s)
     key_times = gt.key_times
     # flatten to one row per claimed box (a time-only claim is one row without a box)
     rows: list[dict[str, Any]] = []
@@ -277,14 +313,15 @@ class Align(Stage):
         options = {"gt_tolerance_s": float(self.config.get("gt_tolerance_s", 0.25)),
                    "name_weight": float(self.config.get("name_weight", 0.5)),
                    "answer_ok_at": float(self.config.get("answer_ok_at", 0.5))}
-        # frame JPEGs are dropped before the conversion to Python: align needs only the frame times
+        # only what align reads is turned into Python: not the frame JPEGs, not the per-frame tracks
         times_only = pa.list_(pa.struct([("t_s", pa.float64())]))
-        view = table.select(list(INPUT_COLUMNS))
+        view = table.select([c for c in INPUT_COLUMNS if c != "gt"])
         view = view.set_column(view.schema.get_field_index("frames"), "frames", view.column("frames").cast(times_only))
+        truths = GroundTruth.for_table(table, options["gt_tolerance_s"])
         scores, keep, rejections = [], [], []
         for i, record in enumerate(view.to_pylist()):
             try:
-                scores.append(align_record(record, **options))
+                scores.append(align_record(record, gt=truths[i], **options))
                 keep.append(i)
             except Exception as exc:  # noqa: BLE001 - malformed ground truth: that record goes to the ledger
                 rejections.append(record_error(record, exc))

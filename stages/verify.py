@@ -98,7 +98,7 @@ class Verify(Stage):
     def _requests(self, record: Mapping[str, Any], reader: FrameReader) -> dict[int, ChatRequest]:
         """Claim index -> the request about its crop, for every claim with a box and a moment."""
         claims = (record.get("scores") or {}).get("claims") or []
-        key_times = GroundTruth(record, float(self.config.get("gt_tolerance_s", 0.25))).key_times
+        key_times = GroundTruth.from_record(record, float(self.config.get("gt_tolerance_s", 0.25))).key_times
         when = {j: check_time(c, key_times) for j, c in enumerate(claims) if c.get("box") is not None}
         when = {j: t for j, t in when.items() if t is not None}
         if not when:

@@ -136,3 +136,19 @@ def test_config_validation():
     assert Align.validate_config({"gt_tolerance_s": 0.1}) == []
     assert [p.split(":")[0] for p in Align.validate_config({"gt_tolerance_s": -1, "answer_ok_at": 2})] == [
         "gt_tolerance_s", "answer_ok_at"]
+
+
+def test_ground_truth_from_arrow_equals_from_python():
+    from stages.align import GroundTruth
+
+    shuffled = make_record(1)
+    shuffled["gt"]["objects"][0]["track"] = shuffled["gt"]["objects"][0]["track"][::-1]  # unsorted track
+    shuffled["gt"]["objects"].append({"name": "ghost", "track": []})
+    records = [make_record(0), shuffled, make_record(2, gt=None), make_record(3, key_frames=None)]
+    from_arrow = GroundTruth.for_table(to_table(records), 0.25)
+    for record, fast in zip(records, from_arrow):
+        slow = GroundTruth.from_record(record, 0.25)
+        assert fast.key_times == slow.key_times
+        for t in (0.0, 1.0, 2.0, 2.3, 5.9, 7.0):
+            (fast_names, fast_boxes), (slow_names, slow_boxes) = fast.at(t), slow.at(t)
+            assert fast_names == slow_names and np.allclose(fast_boxes, slow_boxes)

@@ -74,7 +74,7 @@ def draw_frame(jpeg: bytes, t: float, record: Mapping[str, Any], tolerance: floa
     image = image.resize((THUMB_WIDTH, max(1, round(image.height * scale))))
     w, h = image.size
     draw = ImageDraw.Draw(image)
-    names, boxes = GroundTruth(record, tolerance).at(t)
+    names, boxes = GroundTruth.from_record(record, tolerance).at(t)
     for name, box in zip(names, boxes):
         draw.rectangle([box[0] * w, box[1] * h, box[2] * w, box[3] * h], outline=GT_COLOUR, width=1)
     font = _font(12)
