@@ -150,3 +150,38 @@ def test_config_validation():
     assert Shard.validate_config({"rl_fraction": 0.3}) == []
     problems = Shard.validate_config({"rl_fraction": 1.5, "target_shard_mb": 0, "output": "../x"})
     assert [p.split(":")[0] for p in problems] == ["rl_fraction", "target_shard_mb", "output"]
+
+
+@pytest.mark.slow
+def test_default_build_end_to_end_then_refilter(tmp_path, capsys):
+    """`stgr build` with the defaults ends in a dataset of every task with a verified manifest; a
+    stricter filter reruns only filter and shard, and the manifest counts only this config's ledger."""
+    import tempfile
+
+    from pipeline.build import run_build
+    from pipeline.cli import main
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    run = tmp_path / "run"
+    common = ["source.num_videos=4", "cluster.num_cpus=2", f"cluster.temp_dir={ray_tmp}"]
+    assert run_build(str(run), common, interactive=False) == 0
+    dataset = run / "dataset"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    frames = pd.concat([pd.read_parquet(dataset / "stgr-cot"), pd.read_parquet(dataset / "stgr-rl")])
+    assert len(frames) == manifest["rows"] > 0
+    assert set(frames["task"]) == {"spatio_temporal", "temporal", "temporal_mcq", "spatial", "general_mcq", "general_free"}
+    assert all(f["stage"] for p in frames["provenance"] for f in p["stage_fingerprints"])
+    assert {f["stage"] for f in frames["provenance"].iloc[0]["stage_fingerprints"]} == {
+        "source", "sample", "annotate", "align", "filter", "shard"}
+    assert main(["inspect", str(run), "--verify"]) == 0
+    assert "all sizes and sha256 match" in capsys.readouterr().out
+    assert manifest["config"]["filter"]["rules"]["claim_iou"]["threshold"] == 0.5
+
+    strict = common + ["filter.rules.claim_iou.threshold=0.999"]
+    assert run_build(str(run), strict, interactive=False) == 0
+    manifest2 = json.loads((dataset / "manifest.json").read_text())
+    rejected = sum(r["rows"] for r in manifest2["ledger"] if r["stage"] == "filter")
+    assert rejected > 0 and manifest2["rows"] == manifest["rows"] - rejected
+    assert {r["rule"] for r in manifest2["ledger"]} == {"claim_iou"}
+    assert manifest2["stage_fingerprints"]["annotate"] == manifest["stage_fingerprints"]["annotate"]
+    assert manifest2["stage_fingerprints"]["filter"] != manifest["stage_fingerprints"]["filter"]
