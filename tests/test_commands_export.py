@@ -60,3 +60,27 @@ def test_every_task_has_an_upstream_name_and_options_are_lettered():
     assert set(OPEN_O3_TASKS) == set(TASKS)
     record = {"question": "What happens?", "options": ["it stops", "B. it turns"]}
     assert question_text(record) == "What happens?\nA. it stops\nB. it turns"
+
+
+def test_open_o3_export_reads_back_with_the_stgr_json_adapter(tmp_path):
+    """What we export is what the project's reader of the released files reads back."""
+    from pipeline.testing import unit_context
+    from stages.commands.export import export_open_o3
+    from stages.sources.stgr_json import STGRJsonAdapter
+    from tests.record_factory import make_record
+
+    records = [
+        make_record(0, with_jpeg=True, split="sft", reasoning="The <obj>red circle</obj><box>[0.3,0.2,0.5,0.5]</box>at<t>2</t>s"),
+        make_record(1, with_jpeg=True, split="sft", task="temporal", answer="[1.5, 4.0]", answer_span=[1.5, 4.0],
+                    reasoning="It stops at <t>1.5</t>s and moves at <t>4</t>s."),
+        make_record(2, with_jpeg=True, split="sft", task="temporal_mcq", options=["A. 0-1 s", "B. 1.5-4 s"],
+                    answer="B", answer_span=[1.5, 4.0], reasoning="From <t>1.5</t>s to <t>4</t>s."),
+    ]
+    export_open_o3(records, str(tmp_path / "o3"))
+    adapter = STGRJsonAdapter({"annotations": str(tmp_path / "o3" / "STGR-SFT.json"), "video_dir": "/"})
+    ctx = unit_context(tmp_path / "run", stage="source")
+    for position, (entry, original) in enumerate(zip(adapter.entries(), records)):
+        (seed,) = adapter.seed(entry, position, ctx)
+        for column in ("task", "question", "options", "answer", "answer_span", "reasoning", "key_frames"):
+            assert seed[column] == original[column], column
+        assert seed["media"]["uri"] == original["media"]["uri"]

@@ -85,6 +85,16 @@ def question_text(record: Mapping[str, Any]) -> str:
     return question + "\n" + "\n".join(lines)
 
 
+def open_o3_answer(record: Mapping[str, Any]) -> str:
+    """The answer as upstream writes it: `temporal QA (MCQ)` answers carry the letter, a newline and
+    the span (`"B\\n[3.2, 5.6]"`); every other answer is written as it is."""
+    answer = record.get("answer") or ""
+    span = record.get("answer_span")
+    if record.get("task") == "temporal_mcq" and span is not None:
+        return f"{answer}\n[{span[0]:g}, {span[1]:g}]"
+    return answer
+
+
 def _nearest(images: list[tuple[float, LabelledImage]], t: float) -> LabelledImage:
     return min(images, key=lambda item: abs(item[0] - t))[1]
 
@@ -114,7 +124,7 @@ def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) 
     return {
         "id": record["id"], "task": OPEN_O3_TASKS[task], "source": record.get("source"),
         "video_path": (record.get("media") or {}).get("uri"), "question": question_text(record),
-        "answer": record.get("answer"), "reasoning_process": record.get("reasoning") or "",
+        "answer": open_o3_answer(record), "reasoning_process": record.get("reasoning") or "",
         "key_frames": key_frames, "key_items": key_items,
     }
 
