@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from stages.geometry import THOUSAND
 from stages.schema import record_id, to_table
 from stages.sources.synthetic_world import COLOURS, encode_mp4, render, simulate
 from train import tts
 from train.eval.crops import citations, crop_jpeg
 from train.evaluate import run_eval
-from stages.geometry import THOUSAND
 
 
 def test_ratings_map_to_confidences_and_no_crop_counts_low():

@@ -19,12 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
-
 from pipeline.errors import InputError
 from stages import evidence, metrics
 from train import rewards
-from train.data import frame_from_dict, load_records, render_example
+from train.data import load_records, render_example
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import CORRECT_FROM, INVALID, JudgeCalls
 from train.eval.report import TIOU_THRESHOLDS, _mean, _pct, _problems, _tts_lines, _tts_summary
@@ -50,6 +48,7 @@ class StgrEval:
         self.records = list(records)
         self.cfg = cfg
         self.policy = policy
+        self._rendered: tuple[str, Any] | None = None
         for record in self.records:
             if record["task"] in ("temporal",) and not record.get("answer_span"):
                 raise InputError(f"{record.get('_file')}: record {record['id']!r}: field 'answer_span' is empty "
@@ -63,9 +62,14 @@ class StgrEval:
         return cls(records, cfg, policy)
 
     def _render(self, record: Mapping[str, Any]) -> Any:
-        data = self.cfg["data"]
-        base = Path(record["_file"]).parent if record.get("_file") else None
-        return render_example(record, self.policy, data.get("instruction") or "", data.get("system_prompt"), base)
+        """The record as the model sees it; the last one is kept, since a record's calls come together
+        (its answer, its samples, and what is stored with them) and decoding its frames is the cost."""
+        if self._rendered is None or self._rendered[0] != record["id"]:
+            data = self.cfg["data"]
+            base = Path(record["_file"]).parent if record.get("_file") else None
+            example = render_example(record, self.policy, data.get("instruction") or "", data.get("system_prompt"), base)
+            self._rendered = (record["id"], example)
+        return self._rendered[1]
 
     def _request(self, record: Mapping[str, Any], *, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, sample: int | None = None) -> Any:

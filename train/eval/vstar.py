@@ -283,12 +283,10 @@ class VStarEval:
 
     def crop_calls(self, runner: Runner) -> Iterator[Call]:
         for item in self.items:
-            samples = [(n, c) for n, c, f in self.samples(runner, item) if f is not None]
-            frames = {f for _, _, f in self.samples(runner, item) if f is not None}
-            if not samples:
+            stored = [(n, c, f) for n, c, f in self.samples(runner, item) if f is not None]
+            if not stored:
                 continue
-            frame = frames.pop()
-            yield from crop_calls(item.key, samples, frame, item.duration_s,
+            yield from crop_calls(item.key, [(n, c) for n, c, _ in stored], stored[0][2], item.duration_s,
                                   lambda t, item=item: self.inputs(item).image_at(t), self.cfg["tts"],
                                   self.context(item, "crop"))
 
