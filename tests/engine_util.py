@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,9 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "tests" / "engine_conf"
 
 
-def stgr(*args: str, **kwargs) -> subprocess.Popen:
+def stgr(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
     """Start `stgr ...` in its own session (so a test can kill the driver *and* its Ray workers)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
+           **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -26,8 +26,8 @@ def build_cmd(run: Path, *overrides: str) -> list[str]:
     return ["build", "--run", str(run), "--config-dir", str(CONF), "--config-name", "engine", *overrides]
 
 
-def run_stgr(*args: str, timeout: float = 300) -> tuple[int, str]:
-    proc = stgr(*args)
+def run_stgr(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = stgr(*args, env=env)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
@@ -78,5 +78,7 @@ def wait_for_commits(run: Path, count: int, proc: subprocess.Popen, timeout: flo
         time.sleep(0.05)
 
 
-def interrupt(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
+def expected_threshold_rows(partitions: int = 16, rows: int = 25, factor: int = 3, min_value: int = 30) -> list[dict]:
+    """What the test DAG must produce, computed without the engine."""
+    values = [(f"r{v:06d}", v * factor) for v in range(partitions * rows)]
+    return [{"id": i, "value": x} for i, x in values if x >= min_value]

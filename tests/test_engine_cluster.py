@@ -1,0 +1,78 @@
+"""The engine on a real multi-node Ray cluster (all on this machine): node loss and Ray Jobs."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.engine_util import (REPO, build_cmd, expected_threshold_rows, kill_session, node_rows, run_stgr, stgr,
+                               wait_for_commits)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_removing_a_node_mid_build_loses_nothing(tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        cluster.add_node(num_cpus=1)
+        doomed = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run = tmp_path / "run"
+        proc = stgr(*build_cmd(run, "numbers.work_s=0.3", "scale.work_s=0.1", "max_attempts=3",
+                               f"cluster.address={cluster.address}"))
+        wait_for_commits(run, 8, proc)
+        assert proc.poll() is None, "the build finished before the node could be removed"
+        cluster.remove_node(doomed)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        rows = sorted(node_rows(run, "threshold"), key=lambda r: r["id"])
+        assert rows == expected_threshold_rows()
+        assert node_rows(run, "total")[0]["rows"] == len(rows)
+    finally:
+        cluster.shutdown()
+
+
+def test_submit_runs_the_build_as_a_ray_job(tmp_path: Path) -> None:
+    port, dashboard = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp_path / 'ray'}", "--block"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("the Ray head's dashboard did not come up")
+        run = tmp_path / "run"
+        code, out = run_stgr(*build_cmd(run, "numbers.partitions=4"), "--submit", env={"RAY_ADDRESS": address})
+        assert code == 0, out
+        job_id = out.strip().splitlines()[-1]
+        assert json.loads((run / "job.json").read_text())["job_id"] == job_id
+        code, log = run_stgr("build", "--run", str(run), "--follow", timeout=300)
+        assert code == 0, log
+        assert "committed" in log
+        code, status = run_stgr("status", str(run))
+        assert code == 0 and "(complete)" in status
+        assert sorted(node_rows(run, "threshold"), key=lambda r: r["id"]) == expected_threshold_rows(partitions=4)
+    finally:
+        kill_session(head)
