@@ -87,7 +87,7 @@ _TIME_TAG = re.compile(r"<t>([^<>]*)</t>")
 _EVIDENCE_TAGS = frozenset(("obj", "box", "t"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Claim:
     """One piece of evidence: an object name, its boxes (canonical xyxy) and when (seconds, or None).
 

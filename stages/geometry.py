@@ -270,14 +270,19 @@ def box_iou(a: ArrayLike, b: ArrayLike) -> FloatArray:
     """
     a = as_boxes(a)
     b = as_boxes(b)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0.0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    out = np.zeros_like(inter)
-    np.divide(inter, union, out=out, where=union > 0)
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    # Per axis and in place: (N, M) temporaries only, about half the time of (N, M, 2) broadcasting.
+    inter = np.minimum(a[:, None, 2], b[None, :, 2])
+    inter -= np.maximum(a[:, None, 0], b[None, :, 0])
+    np.clip(inter, 0.0, None, out=inter)
+    ih = np.minimum(a[:, None, 3], b[None, :, 3])
+    ih -= np.maximum(a[:, None, 1], b[None, :, 1])
+    np.clip(ih, 0.0, None, out=ih)
+    inter *= ih
+    union = np.add(box_area(a)[:, None], box_area(b)[None, :], out=ih)
+    union -= inter
+    np.divide(inter, union, out=inter, where=union > 0)
+    inter[~(union > 0)] = 0.0
+    return np.nan_to_num(inter, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def paired_iou(a: ArrayLike, b: ArrayLike) -> FloatArray:

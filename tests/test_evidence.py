@@ -20,6 +20,7 @@ from stages.evidence import (
     parse_seconds,
     parse_time_span,
     parse_trace,
+    parse_traces,
     render_claims,
     split_sections,
 )
@@ -117,6 +118,20 @@ def test_claims_come_from_think_only_when_there_is_one() -> None:
     assert [c.name for c in parse_trace(text).claims] == ["a"]
     text = "<obj>a</obj>at<t>1</t>s <answer><obj>b</obj><box>[0,0,1,1]</box></answer>"
     assert [c.name for c in parse_trace(text).claims] == ["a"]
+
+
+def test_batch_equals_one_by_one() -> None:
+    texts = [PAPER, None, "", "<obj>a</obj><box>[0,0,2,1]</box>", "<obj>b</obj><box>[0,0,1e400,1]</box>at<t>1</t>s", PAPER]
+    assert parse_traces(texts) == [parse_trace(t) for t in texts]  # type: ignore[arg-type]
+    frame = g.pixel_frame(640, 360)
+    assert parse_traces(texts, frame) == [parse_trace(t, frame) for t in texts]  # type: ignore[arg-type]
+    assert parse_traces([]) == []
+
+
+def test_out_of_range_is_judged_in_the_callers_frame() -> None:
+    text = "<obj>a</obj><box>[0,0,650,360]</box>"
+    assert parse_trace(text, g.pixel_frame(640, 360)).problem_codes() == {"box_out_of_range"}
+    assert parse_trace(text, g.pixel_frame(700, 360)).ok
 
 
 def test_not_text() -> None:
