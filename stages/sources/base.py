@@ -50,8 +50,8 @@ class Adapter:
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
         """Problems as `key: message` strings, checked before the build starts."""
-        return [f"{key}: required by source adapter '{cls.name}' but missing"
-                for key in cls.required_keys if config.get(key) in (None, "")]
+        return [f"{key}: required by source adapter '{cls.name}' but missing (set source.{key}=...)"
+                for key in cls.required_keys if config.get(key) in (None, "", "???")]
 
     # -- the annotation file ---------------------------------------------------------------
     @property
