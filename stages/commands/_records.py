@@ -105,7 +105,7 @@ def _dataset(uri: str, fs: pafs.FileSystem, path: str, splits: Iterable[str] | N
     files = [posixpath.join(path, shard["path"]) for name, info in manifest.get("splits", {}).items()
              if name in wanted for shard in info.get("shards", [])]
     run = _run_of(fs, path, 1)
-    fingerprints = {k: v for k, v in (manifest.get("stage_fingerprints") or {}).items()}
+    fingerprints = dict(manifest.get("stage_fingerprints") or {})
     label = f"dataset {manifest.get('build_id')} (schema {manifest.get('schema_version')})"
     return Located("dataset", uri, fs, path, files, manifest, run, fingerprints, label)
 
