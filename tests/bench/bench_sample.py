@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -78,7 +79,8 @@ def sample_in_process(paths: list[Path], config: dict, scratch: Path) -> tuple[f
 def sample_on_ray(paths: list[Path], config: dict, scratch: Path, cpus: int) -> float:
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    ray.init(num_cpus=cpus, include_dashboard=False, _temp_dir=ray_tmp)
     try:
         @ray.remote(num_cpus=1)
         def unit(path: str) -> int:
@@ -91,6 +93,7 @@ def sample_on_ray(paths: list[Path], config: dict, scratch: Path, cpus: int) -> 
         return time.perf_counter() - start
     finally:
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def main() -> None:
