@@ -245,7 +245,7 @@ def record_context(record: Mapping[str, Any], max_evidence: int = 8) -> dict[str
         raise ValueError(f"record {record.get('id')}: field 'task' is {task!r}; expected one of {list(ANSWER_KINDS)}")
     media = record.get("media") or {}
     clip = record.get("clip") or {}
-    frames = sorted(record.get("frames") or [], key=lambda f: f["t_s"])
+    frames = sorted(record.get("frames") or [], key=lambda f: (f["t_s"], f.get("index") or 0))
     times = np.array([f["t_s"] for f in frames], dtype=float)
     gt = record.get("gt") or {}
     gt_objects = gt.get("objects") or []
@@ -274,7 +274,9 @@ def record_context(record: Mapping[str, Any], max_evidence: int = 8) -> dict[str
         "clip_end_s": float(end),
         "frames": [{"k": k, "t_s": float(f["t_s"])} for k, f in enumerate(frames, 1)],
         "frame_times": [float(f["t_s"]) for f in frames],
+        "frame_indices": [f.get("index") for f in frames],
         "fps": media.get("fps"),
+        "num_frames": media.get("num_frames"),
         "question": record.get("question"),
         "options": list(record.get("options") or []),
         "answer": record.get("answer"),

@@ -1,0 +1,128 @@
+"""`vllm`: vLLM's offline engine (`vllm.LLM`) inside each annotate actor.
+
+The engine is built once per actor (the stage's `setup`), and each batch goes to `LLM.generate` in
+one call, so vLLM's continuous batching schedules it. Frames reach the model in one of two ways
+(`input`):
+
+- `video` (default): the frames as one video *with their metadata* (source fps, frame count, the
+  source frame indices), so Qwen2.5-VL's time encoding (mRoPE with absolute time) sees when each
+  frame really is; the prompt lists each frame's time in seconds, which is what the model cites.
+- `images`: one image per frame, each after its `Frame k at t s:` label, as the other backends do.
+
+A request without record context (e.g. a verify crop) always goes as images. Requires the `vllm`
+extra; on a CPU-only machine use the environment made by ../shared/tools/vllm-cpu/setup.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping, Sequence
+
+from stages.backends import Backend, ChatRequest, register_backend
+
+INPUT_MODES = ("video", "images")
+
+
+def _frame_list(request: ChatRequest) -> str:
+    return "Frames of the video: " + "; ".join(image.label.rstrip(":") for image in request.images) + "."
+
+
+def video_metadata(request: ChatRequest) -> dict[str, Any]:
+    """vLLM's video metadata for the request's frames: where they sit in the source video.
+
+    With the source's fps and the frames' source indices, vLLM computes each frame's real time
+    (`do_sample_frames=False`: these are the frames, take them as they are). Records without
+    indices fall back to times and an fps estimated from them.
+    """
+    context = request.context
+    times = [float(t) for t in context.get("frame_times") or []]
+    indices = context.get("frame_indices") or []
+    fps = context.get("fps")
+    n = len(request.images)
+    if not fps or len(indices) != n or any(i is None for i in indices):
+        span = (times[-1] - times[0]) if len(times) > 1 else 0.0
+        fps = (n - 1) / span if span > 0 else 1.0
+        indices = [round(t * fps) for t in times] if len(times) == n else list(range(n))
+    total = context.get("num_frames") or (max(indices) + 1 if indices else n)
+    return {"total_num_frames": int(total), "fps": float(fps), "duration": float(total) / float(fps),
+            "video_backend": "opencv", "frames_indices": [int(i) for i in indices], "do_sample_frames": False}
+
+
+@register_backend
+class VLLMBackend(Backend):
+    """vllm.LLM in this process (see the module docstring). Config: model, revision, dtype, input,
+    tensor_parallel_size, gpu_memory_utilization, max_model_len, engine_kwargs."""
+
+    name = "vllm"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        from transformers import AutoProcessor
+        from vllm import LLM
+
+        model = config.get("model")
+        if not model:
+            raise ValueError("annotator.model: required by the vllm backend (a local directory or hub id)")
+        self.input = config.get("input", "video")
+        if self.input not in INPUT_MODES:
+            raise ValueError(f"annotator.input: expected one of {INPUT_MODES}, got {self.input!r}")
+        max_images = int(config.get("max_images_per_prompt", 64))
+        engine: dict[str, Any] = {
+            "model": model, "revision": config.get("revision"), "dtype": config.get("dtype", "auto"),
+            "tensor_parallel_size": int(config.get("tensor_parallel_size", 1)),
+            "max_model_len": int(config.get("max_model_len", 16384)),
+            "seed": int(config.get("seed", 0)),
+            "limit_mm_per_prompt": {"image": max_images, "video": 1},
+        }
+        if config.get("gpu_memory_utilization") is not None:
+            engine["gpu_memory_utilization"] = float(config["gpu_memory_utilization"])
+        engine.update(dict(config.get("engine_kwargs") or {}))
+        self.llm = LLM(**engine)
+        self.processor = AutoProcessor.from_pretrained(model, revision=config.get("revision"))
+
+    def _messages(self, request: ChatRequest, as_video: bool) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = []
+        if as_video:
+            content.append({"type": "video"})
+            content.append({"type": "text", "text": "\n" + _frame_list(request) + "\n"})
+        else:
+            for image in request.images:
+                if image.label:
+                    content.append({"type": "text", "text": image.label + " "})
+                content.append({"type": "image"})
+                content.append({"type": "text", "text": "\n"})
+        content.append({"type": "text", "text": request.prompt})
+        messages: list[dict[str, Any]] = []
+        if request.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    def engine_input(self, request: ChatRequest) -> dict[str, Any]:
+        """The prompt (chat template applied) and multi-modal data vLLM gets for one request."""
+        import numpy as np
+        from PIL import Image
+
+        as_video = self.input == "video" and bool(request.context) and len(request.images) > 0
+        prompt = self.processor.apply_chat_template(self._messages(request, as_video), tokenize=False,
+                                                    add_generation_prompt=True)
+        images = [Image.open(io.BytesIO(image.jpeg)).convert("RGB") for image in request.images]
+        if not images:
+            return {"prompt": prompt}
+        if as_video:
+            frames = np.stack([np.asarray(image) for image in images])
+            return {"prompt": prompt, "multi_modal_data": {"video": (frames, video_metadata(request))}}
+        return {"prompt": prompt, "multi_modal_data": {"image": images}}
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                 seed=r.seed, **dict(r.extra)) for r in requests]
+        outputs = self.llm.generate([self.engine_input(r) for r in requests], params, use_tqdm=False)
+        return [output.outputs[0].text for output in outputs]
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()
