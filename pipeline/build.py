@@ -36,7 +36,9 @@ def connect(cluster: dict[str, Any]) -> bool:
     address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env()}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # A Ray Job's driver already runs in the job's runtime env (set by `--submit`); Ray refuses a second.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=address, runtime_env=None if in_job else runtime_env, log_to_driver=True)
         return True
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": runtime_env}
     if cluster.get("num_cpus"):

@@ -111,6 +111,33 @@ class ActorPool:
             self.created -= 1
             ray.kill(actor, no_restart=True)
 
+    def shrink(self) -> None:
+        """Kill the idle actors, giving their resources back to the cluster."""
+        for actor in self.idle:
+            self.created -= 1
+            ray.kill(actor, no_restart=True)
+        self.idle.clear()
+
+
+def _release_idle_actors(pools: dict[str, ActorPool], waiting: list[Unit], ready_nodes: set[str],
+                         states: dict[str, "NodeState"]) -> None:
+    """Give back idle actors that would otherwise starve the tasks they wait for.
+
+    An actor holds its CPUs while idle. When its stage has no ready unit, the unit it waits for may
+    itself need those CPUs (annotate waiting on sample on a 1-CPU machine): a deadlock. So an idle
+    actor with nothing ready is released when its stage has no work left at all, or when tasks are
+    waiting and the cluster has no free CPU. With spare CPUs the actor (and its model) stays.
+    """
+    idle_nodes = [n for n, pool in pools.items() if pool.idle and n not in ready_nodes]
+    if not idle_nodes:
+        return
+    remaining = {u.node for u in waiting}
+    tasks_waiting = any(not states[n].actor for n in remaining)
+    starved = tasks_waiting and ray.available_resources().get("CPU", 0.0) < 1.0
+    for node in idle_nodes:
+        if node not in remaining or starved:
+            pools[node].shrink()
+
 
 def _resources(config: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"num_cpus": float(config.get("num_cpus", 1)), "num_gpus": float(config.get("num_gpus", 0))}
@@ -173,6 +200,7 @@ def execute(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id
                     continue
                 task_slots -= 1
                 inflight[remote_fns[unit.node].remote(task)] = (unit, None)
+        _release_idle_actors(pools, waiting, {u.node for u in candidates}, states)
         if not inflight:
             break
         ready_refs, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)

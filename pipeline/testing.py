@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import pyarrow.fs as pafs
 
@@ -9,7 +10,8 @@ from pipeline.stage import UnitContext
 
 
 def unit_context(run_dir: str | Path, stage: str = "test", partition: int = 0, num_partitions: int = 1,
-                 attempt: int = 1, fingerprint: str = "f" * 16) -> UnitContext:
+                 attempt: int = 1, fingerprint: str = "f" * 16,
+                 fingerprints: Mapping[str, str] | None = None) -> UnitContext:
     """A UnitContext over a local run directory, as the engine would pass to `Stage.process`."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -23,4 +25,5 @@ def unit_context(run_dir: str | Path, stage: str = "test", partition: int = 0, n
         run_path=str(run_dir),
         filesystem=pafs.LocalFileSystem(),
         build_id=run_dir.name,
+        fingerprints=dict(fingerprints or {stage: fingerprint}),
     )

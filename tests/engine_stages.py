@@ -97,3 +97,17 @@ class Total(Stage):
         _mark(self.config, ctx)
         return StageResult(pa.table({"id": ["total"], "rows": [table.num_rows],
                                      "sum": [int(pc.sum(table["value"]).as_py() or 0)]}))
+
+
+@register_stage
+class ActorScale(Scale):
+    """`test_scale` in an actor pool: `setup()` (the "model load") leaves a marker per actor."""
+
+    name = "test_actor_scale"
+    actor = True
+
+    def setup(self, ctx: UnitContext) -> None:
+        marks = self.config.get("marks_dir")
+        if marks:
+            Path(marks).mkdir(parents=True, exist_ok=True)
+            (Path(marks) / f"setup-{os.getpid()}-{uuid.uuid4().hex[:6]}").touch()

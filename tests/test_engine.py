@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from tests.engine_util import (build_cmd, commit_records, kill_session, ledger_rows, node_rows, run_stgr, stgr,
+from tests.engine_util import (build_cmd, commit_records, expected_threshold_rows, kill_session, ledger_rows, node_rows,
+                               run_stgr, stgr,
                                wait_for_commits)
 
 FAST = ["numbers.work_s=0.05"]
@@ -141,10 +142,26 @@ def test_bad_config_is_one_line_exit_2_nothing_written(tmp_path: Path, capsys, o
 
 
 def test_two_builds_at_once_do_not_disturb_each_other(tmp_path: Path, reference: Path) -> None:
+    """Two embedded Rays side by side; the second run directory is given as a pyarrow URI."""
     runs = [tmp_path / "a", tmp_path / "b"]
-    procs = [stgr(*build_cmd(r, *FAST)) for r in runs]
+    procs = [stgr(*build_cmd(runs[0], *FAST)), stgr(*build_cmd(f"file://{runs[1]}", *FAST))]
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
     for run in runs:
         assert _output(run) == _output(reference)
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_actor_stage_loads_once_per_actor_and_never_starves_tasks(tmp_path: Path, cpus: int) -> None:
+    """A model stage in an actor pool, fed by CPU tasks: the actor's setup runs once per actor, and
+    on a 1-CPU cluster the idle actor gives its CPU back instead of deadlocking the tasks it waits for."""
+    run, marks = tmp_path / "run", tmp_path / "marks"
+    code, out = run_stgr(*build_cmd(run, "numbers.partitions=6", "numbers.work_s=0.2", "dag.scale.stage=test_actor_scale",
+                                    f"scale.marks_dir={marks}", f"cluster.num_cpus={cpus}"))
+    assert code == 0, out
+    assert sorted(node_rows(run, "threshold"), key=lambda r: r["id"]) == expected_threshold_rows(partitions=6)
+    setups = list(marks.glob("setup-*"))
+    runs = list(marks.glob("scale-*"))
+    assert len(runs) == 6
+    assert 1 <= len(setups) <= (6 if cpus == 1 else 1)

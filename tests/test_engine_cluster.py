@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +49,13 @@ def test_removing_a_node_mid_build_loses_nothing(tmp_path: Path) -> None:
 
 def test_submit_runs_the_build_as_a_ray_job(tmp_path: Path) -> None:
     port, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="stgr-ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={tmp_path / 'ray'}", "--block"],
-        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}", "--block"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}, stderr=(tmp_path / "head.log").open("w"),
     )
     try:
         address = f"http://127.0.0.1:{dashboard}"
@@ -62,7 +67,7 @@ def test_submit_runs_the_build_as_a_ray_job(tmp_path: Path) -> None:
             except httpx.HTTPError:
                 time.sleep(1)
         else:
-            pytest.fail("the Ray head's dashboard did not come up")
+            pytest.fail(f"the Ray head's dashboard did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
         run = tmp_path / "run"
         code, out = run_stgr(*build_cmd(run, "numbers.partitions=4"), "--submit", env={"RAY_ADDRESS": address})
         assert code == 0, out
@@ -76,3 +81,4 @@ def test_submit_runs_the_build_as_a_ray_job(tmp_path: Path) -> None:
         assert sorted(node_rows(run, "threshold"), key=lambda r: r["id"]) == expected_threshold_rows(partitions=4)
     finally:
         kill_session(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
