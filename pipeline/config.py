@@ -5,6 +5,7 @@ so the CLI can print it and exit 2 without touching the run directory.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -109,6 +110,10 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
         problems = cls.validate_config(stage_cfg)
         if problems:
             raise ConfigError(f"{config_key}.{problems[0]}")
+        for key in cls.path_keys:
+            value = stage_cfg.get(key)
+            if isinstance(value, str) and value and value != "???" and "://" not in value:
+                stage_cfg[key] = os.path.abspath(os.path.expanduser(value))
         nodes[node] = StageSpec(node, cls, config_key, stage_cfg, list(after))
     try:
         order = list(TopologicalSorter({n: s.after for n, s in nodes.items()}).static_order())

@@ -145,6 +145,9 @@ class Stage:
     required_keys: ClassVar[tuple[str, ...]] = ()
     key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {}
     fingerprint_exclude: ClassVar[tuple[str, ...]] = ("num_cpus", "num_gpus", "memory", "num_actors", "max_attempts")
+    # Config keys holding local paths: made absolute when the build starts, so workers in other
+    # directories (or on other nodes) and a later `resume` from elsewhere read the same files.
+    path_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)

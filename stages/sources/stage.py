@@ -26,6 +26,7 @@ class SourceStage(Stage):
     source: ClassVar[bool] = True
     required_keys: ClassVar[tuple[str, ...]] = ("adapter",)
     key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"adapter": str, "records_per_partition": int}
+    path_keys: ClassVar[tuple[str, ...]] = ("annotations", "video_dir", "media_dir", "trajectories_dir")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
