@@ -22,7 +22,7 @@ def stgr(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def build_cmd(run: Path, *overrides: str) -> list[str]:
+def build_cmd(run: Path | str, *overrides: str) -> list[str]:
     return ["build", "--run", str(run), "--config-dir", str(CONF), "--config-name", "engine", *overrides]
 
 
