@@ -58,12 +58,14 @@ class TinyModelServer:
     None (answer normally). Counts calls per body, and successful answers per body."""
 
     def __init__(self, model_dir: str, fail: Callable[[str, int, dict[str, Any]], str | None] | None = None,
-                 api_key: str | None = None, client_timeout_s: float = 8.0, hang_s: float = 9.0) -> None:
+                 api_key: str | None = None, client_timeout_s: float = 8.0, hang_s: float = 9.0,
+                 delay_s: float = 0.0) -> None:
         self.backend = make_backend({"backend": "transformers", "model": str(model_dir)})
         self.fail = fail
         self.api_key = api_key
         self.client_timeout_s = client_timeout_s
         self.hang_s = hang_s
+        self.delay_s = delay_s
         self.lock = threading.Lock()
         self.generate_lock = threading.Lock()
         self.calls: collections.Counter[str] = collections.Counter()
@@ -123,6 +125,7 @@ class TinyModelServer:
                         headers = {"Retry-After": "0"} if mode == "429" else {}
                         self._send(int(mode), {"error": {"message": f"injected HTTP {mode}"}}, headers)
                     else:
+                        time.sleep(server.delay_s)
                         with server.generate_lock:
                             text = server.backend.generate([request_from_body(body)])[0]
                         with server.lock:
