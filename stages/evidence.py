@@ -30,10 +30,11 @@ own output and must be valid.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -469,7 +470,8 @@ def parse_time_span(text: str) -> tuple[float, float] | None:
     return None
 
 
-_BOX_ANSWER = (_BOX_IN, re.compile(rf"([\[(]\s*{_NUM}(?:{_SEP}{_NUM}){{3}}\s*[\])])"))
+_BARE_BOX = re.compile(rf"([\[(]\s*{_NUM}(?:{_SEP}{_NUM}){{3}}\s*[\])])")
+_BOX_ANSWER = (_BOX_IN, _BARE_BOX)
 
 
 def parse_box_answer(text: str, frame: BoxFrame = CANONICAL) -> Box | None:
@@ -487,6 +489,134 @@ def parse_box_answer(text: str, frame: BoxFrame = CANONICAL) -> Box | None:
                 if np.isfinite(box).all():
                     return tuple(float(v) for v in box)  # type: ignore[return-value]
     return None
+
+
+_JSON_BLOCK = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+
+def _balance_brackets(text: str) -> str:
+    """Close brackets a truncated answer left open (V-STaR's `fix_incomplete_json`)."""
+    for open_, close in (("[", "]"), ("{", "}")):
+        missing = text.count(open_) - text.count(close)
+        if missing > 0:
+            text += close * missing
+        elif missing < 0:
+            text = open_ * -missing + text
+    return text
+
+
+def _load_json_answer(body: str) -> Any:
+    """The JSON value an answer holds, repaired as V-STaR's `extract_bounding_boxes` does, or None."""
+    block = _JSON_BLOCK.search(body)
+    body = block.group(1) if block else body
+    starts = [i for i in (body.find("{"), body.find("[")) if i >= 0]
+    if not starts:
+        return None
+    start = min(starts)
+    end = max(body.rfind("}"), body.rfind("]"))
+    # From the first bracket to the last closing one, or to the end when the answer was cut short.
+    text = (body[start : end + 1] if end > start else body[start:]).strip().replace("'", '"')
+    for candidate in (text, _balance_brackets(text)):
+        try:
+            return json.loads(candidate)
+        except ValueError:
+            continue
+    return None
+
+
+def _box_list(value: Any) -> list[list[float]]:
+    """A box `[x1,y1,x2,y2]` or any nesting of lists of boxes -> a flat list of 4-number boxes."""
+    if isinstance(value, (list, tuple)):
+        if len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [[float(v) for v in value]]
+        return [box for inner in value for box in _box_list(inner)]
+    return []
+
+
+def parse_boxes_by_time(text: str | None, frame: BoxFrame = CANONICAL) -> dict[float, list[Box]] | None:
+    """A spatial answer as {seconds: [canonical boxes]}, or None when it holds no usable box.
+
+    Accepts (in the `<answer>` content when present) the grounded grammar
+    (`<obj>…</obj><box>…</box>at<t>3</t>s`, grouped by `claims_by_time`) and V-STaR's JSON answers:
+    `{"3": [x1,y1,x2,y2], …}` (a value may hold several boxes), a list of such objects, or a list of
+    `[seconds, box]` pairs, optionally inside a ```json block, with single quotes or unclosed brackets
+    repaired as V-STaR's `extract_bounding_boxes` does. Keys are read with `parse_seconds`; keys that
+    are not times, values that hold no 4-number box and non-finite boxes are skipped. Never raises.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    body = answer_text(text)
+    grounded = claims_by_time(parse_trace(body, frame).claims)
+    if grounded:
+        return {float(t): [tuple(b) for b in boxes] for t, boxes in grounded.items()}  # type: ignore[misc]
+    data = _load_json_answer(body)
+    if isinstance(data, list) and data and all(isinstance(d, dict) for d in data):
+        merged: dict[str, Any] = {}
+        for d in data:
+            merged.update(d)
+        data = merged
+    elif isinstance(data, list):
+        data = {str(p[0]): p[1] for p in data if isinstance(p, (list, tuple)) and len(p) == 2}
+    if not isinstance(data, dict):
+        return None
+    out: dict[float, list[Box]] = {}
+    for key, value in data.items():
+        seconds = parse_seconds(str(key))
+        boxes = _box_list(value)
+        if seconds is None or not boxes:
+            continue
+        canonical = frame.to_canonical(np.asarray(boxes, dtype=np.float64))
+        canonical = canonical[is_finite(canonical)]
+        if len(canonical):
+            out.setdefault(float(seconds), []).extend(tuple(b) for b in canonical.tolist())
+    return out or None
+
+
+# --- moving text between frames ---------------------------------------------------------------------
+
+# A `<box>` element (group 1: its content) or, outside any, a bracketed list of 4 numbers (group 2).
+_REFRAMABLE = re.compile(f"{_BOX_IN.pattern}|{_BARE_BOX.pattern}")
+
+
+def reframe_text(text: str, src: BoxFrame, dst: BoxFrame) -> str:
+    """`text` with every box moved from frame `src` to frame `dst`; all else kept verbatim.
+
+    Rewritten, with `dst.format_box`: the content of every well-formed `<box>…</box>` (4 numbers, in
+    the reasoning or the answer) and every bracketed list of exactly 4 numbers outside a `<box>`
+    element (`[0.1, 0.2, 0.3, 0.4]` or `(…)`: the bare box `parse_box_answer` reads, which also
+    covers the boxes of V-STaR's JSON answers). Left untouched: malformed boxes (≠ 4 numbers,
+    non-numeric, non-finite before or after conversion, or anything beside the numbers inside
+    `<box>`), lists inside a malformed `<box>` element, 2-number spans such as `[3.5, 7.0]`, and
+    `<t>` times (seconds do not depend on the frame). So a trace written in one frame is parsed in
+    the other with the same claims, up to `dst.tolerance()`. Training renders canonical targets in
+    the model's frame with it; align reads traces of models that ground in pixels or 0-1000.
+
+    With `src == dst` the text is returned as it is (no re-rounding); a non-string (a null in a
+    column) is returned as it is too. Never raises on any text.
+    """
+    if not isinstance(text, str) or src == dst:
+        return text
+    spans: list[tuple[int, int]] = []
+    raw: list[list[float]] = []
+    for m in _REFRAMABLE.finditer(text):
+        group = 1 if m.group(1) is not None else 2
+        inner = _BOX4.fullmatch(m.group(group))
+        if inner:
+            spans.append(m.span(group))
+            raw.append([float(v) for v in inner.groups()])
+    if not raw:
+        return text
+    with np.errstate(all="ignore"):  # overflowing values become inf and are left as written
+        moved = dst.from_canonical(src.to_canonical(np.asarray(raw, dtype=np.float64)))
+    finite = np.isfinite(moved).all(axis=1) & np.isfinite(np.asarray(raw)).all(axis=1)
+    pieces: list[str] = []
+    last = 0
+    for (start, end), box, ok in zip(spans, moved, finite.tolist()):
+        if ok:
+            pieces += [text[last:start], dst.format_box(box)]
+            last = end
+    pieces.append(text[last:])
+    return "".join(pieces)
 
 
 # --- format ------------------------------------------------------------------------------------------

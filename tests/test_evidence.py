@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -16,11 +17,13 @@ from stages.evidence import (
     claims_by_time,
     format_score,
     parse_box_answer,
+    parse_boxes_by_time,
     parse_option_letter,
     parse_seconds,
     parse_time_span,
     parse_trace,
     parse_traces,
+    reframe_text,
     render_claims,
     split_sections,
 )
@@ -211,6 +214,91 @@ def test_box_answer() -> None:
     assert parse_box_answer("no box") is None
 
 
+@pytest.mark.parametrize(
+    ("text", "boxes"),
+    [
+        ('{"2": [0, 0, 500, 500], "3": [500, 500, 1000, 750]}', {2.0: [(0, 0, 0.5, 0.5)], 3.0: [(0.5, 0.5, 1, 0.75)]}),
+        ("<answer>{'2': [0, 0, 500, 500]}</answer>", {2.0: [(0, 0, 0.5, 0.5)]}),  # single quotes
+        ('```json\n{"2": [[0,0,250,500],[0,0,500,500]], "3": [0, 0, 500, 500]\n```',  # unclosed brace
+         {2.0: [(0, 0, 0.25, 0.5), (0, 0, 0.5, 0.5)], 3.0: [(0, 0, 0.5, 0.5)]}),
+        ('{"2": [0, 0, 500, 500], "3": [0, 0, 1000', {2.0: [(0, 0, 0.5, 0.5)]}),  # cut short: partial box dropped
+        ('[{"2": [0, 0, 500, 500]}, {"4.5": [0, 0, 1000, 1000]}]', {2.0: [(0, 0, 0.5, 0.5)], 4.5: [(0, 0, 1, 1)]}),
+        ("[[2, [0, 0, 500, 500]], [3, [1, 2]]]", {2.0: [(0, 0, 0.5, 0.5)]}),  # [seconds, box] pairs
+        ('{"0:03": [0, 0, 500, 500], "later": [0, 0, 1, 1], "4": [true, 0, 1, 1]}', {3.0: [(0, 0, 0.5, 0.5)]}),
+        ("<answer><obj>ball</obj><box>[0,0,500,250]</box>at<t>2</t>s</answer>", {2.0: [(0, 0, 0.5, 0.25)]}),
+        ('{"2": [1e400, 0, 1, 1]}', None),
+        ("<answer>{}</answer>", None),
+        ("the ball is in the top left", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_boxes_by_time_from_vstar_answers(text: str | None, boxes: dict[float, list] | None) -> None:
+    got = parse_boxes_by_time(text, g.THOUSAND)
+    if boxes is None:
+        assert got is None
+        return
+    assert got is not None and sorted(got) == sorted(boxes)
+    for t, want in boxes.items():
+        assert len(got[t]) == len(want)
+        assert [v for box in got[t] for v in box] == pytest.approx([float(v) for box in want for v in box])
+
+
+Q = g.qwen25vl_frame(640, 360)  # 644 x 364 model input
+
+
+def test_reframe_moves_every_box_and_keeps_the_prose() -> None:
+    text = (
+        "<think>The <obj>two people</obj><box>[0.1,0.2,0.3,0.4]</box>, <box>[ 0.5 , 0.5 , 1 , 1 ]</box> at <t>3</t>s"
+        " stand from [3.5, 7.0] and <obj>dog</obj><box>0 0 1 1</box>at<t>4.5</t>s</think>"
+        "<answer><box>(0, 0, 0.5, 0.5)</box></answer>"
+    )
+    want = (
+        "<think>The <obj>two people</obj><box>[64,73,193,146]</box>, <box>[322,182,644,364]</box> at <t>3</t>s"
+        " stand from [3.5, 7.0] and <obj>dog</obj><box>[0,0,644,364]</box>at<t>4.5</t>s</think>"
+        "<answer><box>[0,0,322,182]</box></answer>"
+    )
+    assert reframe_text(text, g.CANONICAL, Q) == want
+    assert parse_box_answer(want, Q) == pytest.approx((0, 0, 0.5, 0.5))
+
+
+def test_reframe_bare_boxes_ints_and_json_answers() -> None:
+    assert reframe_text("It is at [64, 36, 320, 180].", g.pixel_frame(640, 360), g.CANONICAL) == (
+        "It is at [0.100,0.100,0.500,0.500]."
+    )
+    assert reframe_text('{"2": [0, 0, 500, 500], "3": [[0,0,250,500],[0,0,500,500]]}', g.THOUSAND, g.CANONICAL) == (
+        '{"2": [0.000,0.000,0.500,0.500], "3": [[0.000,0.000,0.250,0.500],[0.000,0.000,0.500,0.500]]}'
+    )
+    # xywh source, out-of-range values moved as they are (filters judge them, not the rewriting).
+    assert reframe_text("<box>[320,180,640,360]</box>", g.pixel_frame(640, 360, "xywh"), g.THOUSAND) == (
+        "<box>[500,500,1500,1500]</box>"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<obj>a</obj><box>[0.1,0.2]</box>",  # 2 numbers
+        "<obj>a</obj><box>[0.1,0.2,0.3,0.4,0.5]</box>",  # 5 numbers
+        "<obj>a</obj><box>[0.1,0.2,0.3,0.4] the left one</box>",  # words beside the numbers (list inside too)
+        "<obj>a</obj><box>[x,0.2,0.3,0.4]</box> <box></box>",
+        "<obj>a</obj><box>[1e400,0,1,1]</box> and [1e400, 0, 1, 1]",  # non-finite before conversion
+        "<answer>[1e306, 0, 1, 1]</answer>",  # overflows in the 0-1000 frame
+        "from [3.5, 7.0] to (1, 2) or [1, 2, 3] or [1, 2, 3, 4, 5]; <t>3</t>s",
+        "no boxes at all",
+        "",
+    ],
+)
+def test_reframe_leaves_malformed_boxes_spans_and_prose_alone(text: str) -> None:
+    assert reframe_text(text, g.CANONICAL, g.THOUSAND) == text
+
+
+def test_reframe_same_frame_and_non_text_are_returned_as_they_are() -> None:
+    text = "<obj>a</obj><box>[0.41234, 0.2, 0.3, 0.4]</box>"
+    assert reframe_text(text, g.CANONICAL, g.make_frame("normalised")) == text
+    assert reframe_text(None, g.CANONICAL, Q) is None  # type: ignore[arg-type]
+
+
 def test_format_scores_follow_the_paper() -> None:
     grounded = check_format(PAPER)
     assert grounded.well_formed and grounded.num_claims_with_box_and_time == 1
@@ -270,6 +358,38 @@ def test_render_then_parse_round_trips(claims: list[Claim], frame: g.BoxFrame) -
     assert trace.problem_codes() <= {"box_out_of_range"}
 
 
+bare_boxes = st.lists(st.tuples(unit, unit, unit, unit), min_size=1, max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(claims=claims_strategy.filter(bool), answer=bare_boxes, source=st.sampled_from([(640, 360), (1920, 1080), (480, 640), (50, 30)]))
+def test_reframe_round_trips_through_the_qwen_frame(claims: list[Claim], answer: list[tuple], source: tuple[int, int]) -> None:
+    frame = g.qwen25vl_frame(*source)
+    bare = " or ".join(g.CANONICAL.format_box(b).replace(",", ", ") for b in answer)
+    text = f"<think>We see {render_claims(claims, g.CANONICAL)} from [3.5, 7.0].</think><answer>{bare}</answer>"
+    there = reframe_text(text, g.CANONICAL, frame)
+    back = reframe_text(there, frame, g.CANONICAL)
+    # Prose, times and the span are kept verbatim; only box contents change.
+    assert _without_boxes(there) == _without_boxes(back) == _without_boxes(text)
+    original = parse_trace(text)
+    in_frame, returned = parse_trace(there, frame), parse_trace(back)
+    assert in_frame.problem_codes() <= {"box_out_of_range"} and returned.problem_codes() <= {"box_out_of_range"}
+    one_way = frame.tolerance() + 1e-9
+    both_ways = one_way + g.CANONICAL.tolerance()
+    for parsed, tol in ((in_frame, one_way), (returned, both_ways)):
+        assert [(c.name, c.t, len(c.boxes)) for c in parsed.claims] == [(c.name, c.t, len(c.boxes)) for c in original.claims]
+        got = [v for c in parsed.claims for box in c.boxes for v in box]
+        want = [v for c in original.claims for box in c.boxes for v in box]
+        assert got == pytest.approx(want, abs=tol, rel=0)
+    assert parse_box_answer(back) == pytest.approx(parse_box_answer(text), abs=both_ways, rel=0)
+
+
+def _without_boxes(text: str) -> str:
+    """Text with every box's numbers blanked (`<box>[…]</box>` contents and bare 4-number lists)."""
+    text = re.sub(r"<box>[^<>]*</box>", "<box></box>", text)
+    return re.sub(r"\[[^\[\]]*(?:,[^\[\],]*){3}\]", "[]", text)
+
+
 tag_soup = st.lists(
     st.sampled_from(["<obj>", "</obj>", "<box>", "</box>", "<t>", "</t>", "<think>", "</think>", "<answer>", "</answer>",
                      "[", "]", ",", "0.5", "1e999", "-3", "at", "s", " ", "man", "1:02", "nan", "(", ")"]),
@@ -288,3 +408,5 @@ def test_parse_never_raises(text: str, frame: g.BoxFrame) -> None:
     parse_option_letter(text)
     parse_time_span(text)
     parse_box_answer(text, frame)
+    parse_boxes_by_time(text, frame)
+    assert reframe_text(reframe_text(text, frame, g.THOUSAND), g.THOUSAND, g.THOUSAND) is not None

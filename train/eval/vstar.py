@@ -17,9 +17,7 @@ code compares the model's raw numbers with source pixels; see docs/evaluation.md
 from __future__ import annotations
 
 import io
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from stages import evidence, geometry, metrics
+from stages.evidence import parse_boxes_by_time
 from train.data import frame_from_dict, frame_to_dict
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import CORRECT_FROM, INVALID, JudgeCalls
@@ -103,86 +102,6 @@ def prompt_variables(item: VStarItem, frame: geometry.BoxFrame) -> dict[str, Any
 def render_prompt(template: str, variables: Mapping[str, Any]) -> str:
     """`{name}` placeholders filled from `variables`; literal braces are written `{{` and `}}`."""
     return template.format(**variables).strip()
-
-
-# --- parsing the answers --------------------------------------------------------------------------------
-
-_JSON_BLOCK = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
-
-
-def _balance(text: str) -> str:
-    """Close brackets a truncated answer left open (V-STaR's `fix_incomplete_json`)."""
-    for open_, close in (("[", "]"), ("{", "}")):
-        missing = text.count(open_) - text.count(close)
-        if missing > 0:
-            text += close * missing
-        elif missing < 0:
-            text = open_ * -missing + text
-    return text
-
-
-def _load_json(body: str) -> Any:
-    block = _JSON_BLOCK.search(body)
-    body = block.group(1) if block else body
-    starts = [i for i in (body.find("{"), body.find("[")) if i >= 0]
-    if not starts:
-        return None
-    start = min(starts)
-    end = max(body.rfind("}"), body.rfind("]"))
-    # From the first bracket to the last closing one, or to the end when the answer was cut short.
-    text = (body[start:end + 1] if end > start else body[start:]).strip().replace("'", '"')
-    for candidate in (text, _balance(text)):
-        try:
-            return json.loads(candidate)
-        except ValueError:
-            continue
-    return None
-
-
-def _box_list(value: Any) -> list[list[float]]:
-    """A box `[x1,y1,x2,y2]` or any nesting of lists of boxes -> a flat list of 4-number boxes."""
-    if isinstance(value, (list, tuple)):
-        if len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            return [[float(v) for v in value]]
-        return [box for inner in value for box in _box_list(inner)]
-    return []
-
-
-def parse_boxes_by_time(text: str | None, frame: geometry.BoxFrame) -> dict[float, list[Box]] | None:
-    """A spatial answer as {seconds: [canonical boxes]}, or None when it holds no usable box.
-
-    Accepts the grounded grammar (`<obj>…</obj><box>…</box>at<t>3</t>s`, read by stages.evidence)
-    and V-STaR's JSON answers: `{"3": [x1,y1,x2,y2], …}` (a value may hold several boxes), a list
-    of such objects, or a list of `[seconds, box]` pairs, optionally inside a ```json block, with
-    single quotes or unclosed brackets repaired as V-STaR's `extract_bounding_boxes` does.
-    """
-    if not isinstance(text, str) or not text.strip():
-        return None
-    body = evidence.answer_text(text)
-    grounded = evidence.claims_by_time(evidence.parse_trace(body, frame).claims)
-    if grounded:
-        return {float(t): [tuple(b) for b in boxes] for t, boxes in grounded.items()}  # type: ignore[misc]
-    data = _load_json(body)
-    if isinstance(data, list) and data and all(isinstance(d, dict) for d in data):
-        merged: dict[str, Any] = {}
-        for d in data:
-            merged.update(d)
-        data = merged
-    elif isinstance(data, list):
-        data = {str(p[0]): p[1] for p in data if isinstance(p, (list, tuple)) and len(p) == 2}
-    if not isinstance(data, dict):
-        return None
-    out: dict[float, list[Box]] = {}
-    for key, value in data.items():
-        seconds = evidence.parse_seconds(str(key))
-        boxes = _box_list(value)
-        if seconds is None or not boxes:
-            continue
-        canonical = frame.to_canonical(np.asarray(boxes, dtype=np.float64))
-        canonical = canonical[geometry.is_finite(canonical)]
-        if len(canonical):
-            out.setdefault(float(seconds), []).extend(tuple(b) for b in canonical.tolist())
-    return out or None
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
