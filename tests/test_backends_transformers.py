@@ -14,7 +14,7 @@ from tests.tiny_model_fixture import tiny_model_dir  # noqa: F401 - pytest fixtu
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    return make_backend({"backend": "transformers", "model": str(tiny_model_dir), "device": "cpu"})
+    return make_backend({"backend": "transformers", "model": str(tiny_model_dir), "device": "auto"})
 
 
 def requests(n: int, frames: int = 3, **kw) -> list[ChatRequest]:
