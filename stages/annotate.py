@@ -98,6 +98,23 @@ class PromptSet:
         except TemplateSyntaxError as exc:
             raise ValueError(f"{where}: template syntax error at line {exc.lineno}: {exc.message}") from exc
 
+    def check(self, where: str = "annotator.prompts") -> None:
+        """Render every task once on an example record, so a misspelt variable fails at validation
+        (StrictUndefined) instead of sending every record of the build to the ledger."""
+        from jinja2 import UndefinedError
+
+        frames = [{"t_s": 1.0, "index": 10}, {"t_s": 2.0, "index": 20}]
+        gt = {"objects": [{"name": "red circle", "track": [{"t_s": 1.0, "box": [0.1, 0.1, 0.3, 0.3]}]}],
+              "spans": [{"label": "the circle moves", "start_s": 1.0, "end_s": 2.0}]}
+        for task in TASKS:
+            record = {"id": "example", "task": task, "frames": frames, "gt": gt, "question": "Which?",
+                      "options": ["A. one", "B. two"], "answer": "A",
+                      "media": {"duration_s": 3.0}, "clip": {"start_s": 0.0, "end_s": 3.0}}
+            try:
+                self.render(task, record_context(record))
+            except UndefinedError as exc:
+                raise ValueError(f"{where}: task {task}: {exc.message}") from exc
+
     def sha(self, task: str) -> str:
         """Hash of everything a task's prompt is rendered from: the value stored in provenance."""
         parts = [self.version, str(self.spec["system"]), str(self.spec["format"]), str(self.spec["common"]),
@@ -340,7 +357,7 @@ class AnnotateStage(Stage):
         if config["backend"] not in known:
             problems.append(f"backend: unknown backend {config['backend']!r}; known: {sorted(known)}")
         try:
-            PromptSet(config["prompts"])
+            PromptSet(config["prompts"]).check()
         except ValueError as exc:
             problems.append(f"prompts: {exc}")
         batch_size = config.get("batch_size", 8)

@@ -229,3 +229,6 @@ def test_config_validation_names_the_key():
     assert problem.startswith("prompts:") and "spatial" in problem
     bad_jinja = {**base["prompts"], "common": "{% if %}"}
     assert "syntax error" in AnnotateStage.validate_config({**base, "prompts": bad_jinja})[0]
+    typo = {**base["prompts"], "tasks": {**base["prompts"]["tasks"], "temporal": "When? {{ questoin }}"}}
+    (problem,) = AnnotateStage.validate_config({**base, "prompts": typo})
+    assert problem.startswith("prompts:") and "temporal" in problem and "questoin" in problem
