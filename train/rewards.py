@@ -112,7 +112,17 @@ class Target:
 
 
 def parse_target(raw: Any) -> Target | None:
-    """A reward target from JSON text or a dict; None when it is unusable (every reward is then 0)."""
+    """A reward target from JSON text or a dict; None when it is unusable (every reward is then 0).
+    JSON text is cached: TRL passes the same targets to each of the four rewards."""
+    return _parse_target_text(raw) if isinstance(raw, (str, bytes)) else _parse_target(raw)
+
+
+@lru_cache(maxsize=32768)
+def _parse_target_text(raw: str | bytes) -> Target | None:
+    return _parse_target(raw)
+
+
+def _parse_target(raw: Any) -> Target | None:
     from train.data import frame_from_dict
 
     try:
@@ -136,13 +146,13 @@ def parse_target(raw: Any) -> Target | None:
         return None
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=32768)
 def _parse(text: str, frame: geometry.BoxFrame) -> evidence.Trace:
     """The trace of one completion; cached because TRL calls each reward on the same completions."""
     return evidence.parse_trace(text, frame)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=32768)
 def _format_check(text: str, frame: geometry.BoxFrame) -> evidence.FormatCheck:
     return evidence.check_format(text, frame)
 
