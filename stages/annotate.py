@@ -343,7 +343,10 @@ class AnnotateStage(Stage):
         "temperature": float, "top_p": float, "seed": int, "image_max_side": int, "max_evidence": int,
         "prompts": dict, "extra": dict,
     }
-    fingerprint_exclude = Stage.fingerprint_exclude + ("batch_size",)
+    # How requests are sent, not what is asked: changing these never changes a response (the cache
+    # key has the model, prompt, frames and sampling), so committed units stay valid.
+    fingerprint_exclude = Stage.fingerprint_exclude + (
+        "batch_size", "concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "api_key_env")
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
