@@ -11,7 +11,6 @@ from PIL import Image
 
 from stages.tiny_model import build_tiny_qwen25vl
 
-pytest_plugins = ["tests.tiny_model_fixture"]
 
 
 def _messages() -> list[dict]:

@@ -15,7 +15,6 @@ from stages.schema import to_table
 from tests.train_toy import toy_record, write_toy_dataset
 from train.data import FramePolicy, iter_examples, load_records, render_example, select_frames
 
-pytest_plugins = ["tests.tiny_model_fixture"]
 
 TINY_MODEL_CFG = {"path": None, "min_pixels": 3136, "max_pixels": 50176, "box_frame": "qwen2.5-vl"}
 POLICY = FramePolicy(max_frames=3, min_pixels=3136, max_pixels=50176)

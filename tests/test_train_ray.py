@@ -8,7 +8,6 @@ import pytest
 from tests.train_toy import write_toy_dataset
 from train.common import load_config, prepare_run_dir, read_log
 
-pytest_plugins = ["tests.tiny_model_fixture"]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from pipeline.errors import ConfigError
 from tests.train_toy import write_toy_dataset
 from train.common import load_config, prepare_run_dir, read_log
 
-pytest_plugins = ["tests.tiny_model_fixture"]
 
 
 def _stgr_train(argv: list[str]) -> int:
