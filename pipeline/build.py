@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import ray
 from omegaconf import OmegaConf
 
-from pipeline.config import compose, from_yaml, to_yaml, validate
+from pipeline.config import BuildPlan, compose, from_yaml, to_yaml, validate
 from pipeline.errors import ConfigError
 from pipeline.executor import execute, resolve_nodes, write_plan
 from pipeline.progress import Progress
@@ -19,22 +19,39 @@ from pipeline.rundir import RunDir
 log = logging.getLogger("stgr")
 
 
-def worker_env() -> dict[str, str]:
-    """Environment every worker gets: the driver's import path (plugins) and offline flags."""
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "STGR_FIXTURES", "HF_HOME")
+
+
+def forwarded_env_names(plan: BuildPlan | None) -> list[str]:
+    """Variables named by the stages' `env_keys` (e.g. `annotator.api_key_env`), for the workers."""
+    if plan is None:
+        return []
+    names = []
+    for spec in plan.nodes.values():
+        for key in spec.stage_cls.env_keys:
+            name = spec.config.get(key)
+            if isinstance(name, str) and name:
+                names.append(name)
+    return names
+
+
+def worker_env(plan: BuildPlan | None = None) -> dict[str, str]:
+    """Environment every worker gets: the driver's import path (plugins), offline flags, and the
+    variables the stages name (API keys). It travels in Ray's runtime env, never in the run directory."""
     paths = [os.getcwd(), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "STGR_FIXTURES", "HF_HOME"):
+    for key in (*FORWARDED_ENV, *forwarded_env_names(plan)):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
-def connect(cluster: dict[str, Any]) -> bool:
+def connect(cluster: dict[str, Any], plan: BuildPlan | None = None) -> bool:
     """Join `cluster.address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
     if ray.is_initialized():
         return False
     address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
+    runtime_env = {"env_vars": worker_env(plan)}
     if address:
         # A Ray Job's driver already runs in the job's runtime env (set by `--submit`); Ray refuses a second.
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -71,11 +88,11 @@ def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
     run.makedirs("")
     run.write_text("config.yaml", to_yaml(config))
     write_plan(run, states, build_id)
-    started = connect(config.get("cluster") or {})
+    started = connect(config.get("cluster") or {}, plan)
     try:
         totals = {n: s.partitions for n, s in states.items()}
         with Progress(totals, interactive) as progress:
-            outcome = execute(run, plan, states, build_id, progress.update, {"env_vars": worker_env()})
+            outcome = execute(run, plan, states, build_id, progress.update, {"env_vars": worker_env(plan)})
     finally:
         if started:
             ray.shutdown()

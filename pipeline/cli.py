@@ -23,7 +23,13 @@ def _build(args: argparse.Namespace) -> int:
     if args.submit:
         from pipeline.jobs import submit
 
-        job_id = submit(args.run, build_args(args), args.address)
+        from omegaconf import OmegaConf
+
+        from pipeline.config import compose, validate
+
+        conf_dir = os.path.abspath(args.config_dir) if args.config_dir else None
+        plan = validate(OmegaConf.to_container(compose(args.overrides, args.config_name, conf_dir), resolve=True))
+        job_id = submit(args.run, build_args(args), args.address, plan)
         print(job_id)
         if args.follow:
             from pipeline.jobs import follow

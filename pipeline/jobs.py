@@ -11,6 +11,7 @@ import os
 import time
 from typing import Sequence
 
+from pipeline.config import BuildPlan
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 
@@ -24,7 +25,9 @@ def _address(address: str | None) -> str:
     return address
 
 
-def submit(run_dir: str, arguments: Sequence[str], address: str | None = None) -> str:
+def submit(run_dir: str, arguments: Sequence[str], address: str | None = None, plan: BuildPlan | None = None) -> str:
+    """Submit `stgr build --run DIR ARGUMENTS` as a Ray Job; `plan` (validated here first) names the
+    variables its workers need."""
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.build import worker_env
@@ -32,9 +35,10 @@ def submit(run_dir: str, arguments: Sequence[str], address: str | None = None) -
 
     address = _address(address)
     run = RunDir.open(run_dir)
+
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=command_line(run.uri, arguments),
-                               runtime_env={"env_vars": worker_env()},
+                               runtime_env={"env_vars": worker_env(plan)},
                                metadata={"stgr_run": run.uri})
     run.makedirs("")
     run.write_text("job.json", json.dumps({"job_id": job_id, "address": address, "submitted_at": time.time(),

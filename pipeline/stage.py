@@ -148,6 +148,9 @@ class Stage:
     # Config keys holding local paths: made absolute when the build starts, so workers in other
     # directories (or on other nodes) and a later `resume` from elsewhere read the same files.
     path_keys: ClassVar[tuple[str, ...]] = ()
+    # Config keys whose values name environment variables the workers need (an API key's variable):
+    # the driver forwards those variables to Ray workers; their values never enter the run directory.
+    env_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)

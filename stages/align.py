@@ -25,10 +25,9 @@ import pyarrow.compute as pc
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageResult, UnitContext, record_error
 from stages import evidence
-from stages.annotate import ANSWER_KINDS
 from stages.geometry import assign_max, box_iou
 from stages.metrics import temporal_iou
-from stages.schema import SCORES, conform
+from stages.schema import ANSWER_KINDS, SCORES, conform
 
 #: Columns align reads; the rest of a partition (frame JPEGs above all) is never converted to Python.
 INPUT_COLUMNS = ("id", "task", "frames", "options", "answer", "answer_span", "key_frames", "gt",

@@ -44,17 +44,7 @@ from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed, 
 from stages.backends.template import write_question
 from stages.geometry import CANONICAL
 from stages.response_cache import ResponseCache
-from stages.schema import TASKS, to_table
-
-#: What kind of answer each task has: picks the prompt's answer hint and how a model's answer is read.
-ANSWER_KINDS: dict[str, str] = {
-    "spatio_temporal": "span",
-    "temporal": "span",
-    "temporal_mcq": "option",
-    "spatial": "box",
-    "general_mcq": "option",
-    "general_free": "text",
-}
+from stages.schema import ANSWER_KINDS, TASKS, to_table
 
 PROMPT_PARTS = ("system", "format", "common", "tasks", "answer_hints")
 
@@ -335,6 +325,7 @@ class AnnotateStage(Stage):
     """Question, grounded reasoning and answer per record, from one backend per actor (see module doc)."""
 
     name = "annotate"
+    env_keys: ClassVar[tuple[str, ...]] = ("api_key_env",)
     version = "1"
     actor = True
     required_keys = ("backend", "prompts")

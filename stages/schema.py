@@ -17,6 +17,18 @@ SCHEMA_VERSION = "1.0"
 
 TASKS = ("spatio_temporal", "temporal", "temporal_mcq", "spatial", "general_mcq", "general_free")
 
+#: The kind of answer each task has: `option` (a letter), `span` ("[s, e]" seconds), `box`
+#: (canonical [x1, y1, x2, y2]) or `text`. Annotation prompts, alignment, rewards and evaluation all
+#: read answers through this one table.
+ANSWER_KINDS: dict[str, str] = {
+    "spatio_temporal": "span",
+    "temporal": "span",
+    "temporal_mcq": "option",
+    "spatial": "box",
+    "general_mcq": "option",
+    "general_free": "text",
+}
+
 BOX = pa.list_(pa.float64(), 4)
 
 MEDIA = pa.struct(

@@ -73,6 +73,7 @@ class Verify(Stage):
     """Crop every claimed box, ask the VLM about it, record the verdicts in `scores`."""
 
     name = "verify"
+    env_keys: ClassVar[tuple[str, ...]] = ("api_key_env",)
     version = "1"
     actor = True
     required_keys = ("backend", "prompt")

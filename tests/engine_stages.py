@@ -40,6 +40,7 @@ class Numbers(Stage):
     source = True
     required_keys = ("partitions", "rows")
     key_types = {"partitions": int, "rows": int, "work_s": float}
+    env_keys = ("secret_env",)
 
     def plan(self) -> int:
         return int(self.config["partitions"])
@@ -50,7 +51,10 @@ class Numbers(Stage):
         n = int(self.config["rows"])
         start = ctx.partition * n
         values = list(range(start, start + n))
-        return StageResult(pa.table({"id": [f"r{v:06d}" for v in values], "value": values}))
+        columns = {"id": [f"r{v:06d}" for v in values], "value": values}
+        if self.config.get("secret_env"):
+            columns["secret_seen"] = [bool(os.environ.get(self.config["secret_env"]))] * n
+        return StageResult(pa.table(columns))
 
 
 @register_stage

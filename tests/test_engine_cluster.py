@@ -69,7 +69,8 @@ def test_submit_runs_the_build_as_a_ray_job(tmp_path: Path) -> None:
         else:
             pytest.fail(f"the Ray head's dashboard did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}")
         run = tmp_path / "run"
-        code, out = run_stgr(*build_cmd(run, "numbers.partitions=4"), "--submit", env={"RAY_ADDRESS": address})
+        code, out = run_stgr(*build_cmd(run, "numbers.partitions=4", "numbers.secret_env=STGR_TEST_SECRET"), "--submit",
+                             env={"RAY_ADDRESS": address, "STGR_TEST_SECRET": "hunter2-secret"})
         assert code == 0, out
         job_id = out.strip().splitlines()[-1]
         assert json.loads((run / "job.json").read_text())["job_id"] == job_id
@@ -78,7 +79,11 @@ def test_submit_runs_the_build_as_a_ray_job(tmp_path: Path) -> None:
         assert "committed" in log
         code, status = run_stgr("status", str(run))
         assert code == 0 and "(complete)" in status
-        assert sorted(node_rows(run, "threshold"), key=lambda r: r["id"]) == expected_threshold_rows(partitions=4)
+        rows = sorted(node_rows(run, "threshold"), key=lambda r: r["id"])
+        assert all(r.pop("secret_seen") for r in rows), "the named variable did not reach the workers"
+        assert rows == expected_threshold_rows(partitions=4)
+        leaked = [p for p in run.rglob("*") if p.is_file() and b"hunter2-secret" in p.read_bytes()]
+        assert not leaked, f"the secret was written to {leaked}"
     finally:
         kill_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

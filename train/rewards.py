@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from stages import evidence, geometry, metrics
+from stages.schema import ANSWER_KINDS
 
 log = logging.getLogger("stgr.train.rewards")
 
@@ -234,18 +235,8 @@ ACCURACY: dict[str, Callable[[str, Target], float]] = {
 }
 """Accuracy scorers by answer kind: (the completion's <answer> text, target) -> [0, 1]."""
 
-TASK_ANSWER_KIND = {
-    "temporal_mcq": "option",
-    "general_mcq": "option",
-    "temporal": "span",
-    "spatial": "box",
-    "spatio_temporal": "text",
-    "general_free": "text",
-}
-
-
 def answer_kind(target: Target) -> str:
-    return "option" if target.options else TASK_ANSWER_KIND.get(target.task, "text")
+    return "option" if target.options else ANSWER_KINDS.get(target.task, "text")
 
 
 def _accuracy_item(text: str, target: Target) -> float:

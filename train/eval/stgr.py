@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.errors import InputError
 from stages import evidence, metrics
+from stages.schema import ANSWER_KINDS
 from train import rewards
 from train.data import load_records, render_example
 from train.eval.crops import crop_calls, crop_kind
@@ -86,7 +87,7 @@ class StgrEval:
 
     def _num_samples(self, record: Mapping[str, Any]) -> int:
         n = int(self.cfg["tts"]["num_samples"])
-        kind = "option" if record.get("options") else rewards.TASK_ANSWER_KIND.get(record["task"], "text")
+        kind = "option" if record.get("options") else ANSWER_KINDS.get(record["task"], "text")
         return n if n > 1 and kind in VOTING_KINDS else 0
 
     # calls --------------------------------------------------------------------------------------
