@@ -113,12 +113,31 @@ def _accepts_tokenizer_object(cls) -> bool:
     return "tokenizer_object" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
+#: Width of the tiny language model; its attention heads split it into `HIDDEN_SIZE // head_dim` heads.
+HIDDEN_SIZE = 64
+
+
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen2.5-VL's multimodal rotary split (time, height, width) of `head_dim / 2` rotary pairs, in
+    the real model's proportions 2 : 3 : 3 ([16, 24, 24] for its head_dim 128); it must sum to
+    head_dim / 2, so head_dim must be a multiple of 16."""
+    half = head_dim // 2
+    return [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+
+
+def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, head_dim: int = 16) -> Path:
     """Write a tiny random Qwen2.5-VL to `out_dir` and return it; `from_pretrained(out_dir)` loads it.
 
     Saves the model (safetensors), the tokenizer, the processor (image + video processors with small
-    pixel bounds) and the chat template. The same `seed` gives the same weights and vocabulary.
+    pixel bounds) and the chat template. The same `seed` (and `head_dim`) gives the same weights and
+    vocabulary. `head_dim` is the language model's attention head size: 16 gives 4 heads (2 key/value
+    heads) over the hidden size 64; 32 gives 2 heads (1 key/value head), which vLLM's CPU attention
+    needs (it supports head sizes 32, 64, 80, ... only); 64 gives one head.
     """
+    if head_dim <= 0 or head_dim % 16 or HIDDEN_SIZE % head_dim:
+        raise ValueError(f"head_dim: must be a multiple of 16 that divides the hidden size {HIDDEN_SIZE} "
+                         f"(16, 32 or 64), got {head_dim}")
+    num_heads = HIDDEN_SIZE // head_dim
     import torch
     from transformers import (
         Qwen2_5_VLConfig,
@@ -136,13 +155,13 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tok),
-            hidden_size=64,
+            hidden_size=HIDDEN_SIZE,
             intermediate_size=128,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section(head_dim)},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -186,5 +205,6 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "stgr_tiny.json").write_text(json.dumps({"seed": seed, "builder": "stages.tiny_model"}) + "\n")
+    built = {"seed": seed, "head_dim": head_dim, "builder": "stages.tiny_model"}
+    (out / "stgr_tiny.json").write_text(json.dumps(built) + "\n")
     return out

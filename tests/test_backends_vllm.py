@@ -30,20 +30,10 @@ from tests.test_annotate import annotator_config, jpeg, seed_record  # noqa: E40
 
 @pytest.fixture(scope="module")
 def vllm_tiny_model(tmp_path_factory) -> Path:
-    """The tiny Qwen2.5-VL re-initialised with head_dim 32 (2 heads over hidden 64, mRoPE [4, 6, 6])."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+    """The tiny Qwen2.5-VL with head_dim 32 (2 heads over hidden 64, mRoPE [4, 6, 6])."""
     from stages.tiny_model import build_tiny_qwen25vl
 
-    out = build_tiny_qwen25vl(tmp_path_factory.mktemp("tiny-vllm"), seed=0)
-    config = Qwen2_5_VLConfig.from_pretrained(out)
-    text = config.text_config
-    text.num_attention_heads, text.num_key_value_heads = 2, 1
-    text.rope_parameters = {**text.rope_parameters, "mrope_section": [4, 6, 6]}
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(out)
-    return out
+    return build_tiny_qwen25vl(tmp_path_factory.mktemp("tiny-vllm"), seed=0, head_dim=32)
 
 
 def engine_config(model: Path, **overrides) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -10,7 +11,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from stages.commands.export import OPEN_O3_TASKS, question_text
+from stages.geometry import CANONICAL
 from stages.schema import TASKS
+from stages.targets import frame_from_dict
 from tests.record_factory import SQUARE_BOX, build_run, circle_box
 
 
@@ -46,14 +49,47 @@ def test_verl_parquet(run, tmp_path, capsys):
     rl_ids = pd.read_parquet(path / "dataset" / "stgr-rl")["id"].tolist()
     assert sorted(e["id"] for e in frame["extra_info"]) == sorted(rl_ids)
     row = frame.iloc[0]
-    assert row["reward_model"] == {"style": "rule", "ground_truth": "It is in the middle of the frame."}
+    assert row["reward_model"]["style"] == "rule"
+    truth = json.loads(row["reward_model"]["ground_truth"])
+    assert truth["id"] == row["extra_info"]["id"] and truth["task"] == "spatio_temporal"
+    assert truth["answer"] == "It is in the middle of the frame." and truth["answer_span"] == [0.0, 5.0]
+    assert truth["key_frames"] == [{"t_s": 2.0, "objects": [{"name": "red circle", "box": circle_box(2.0)},
+                                                            {"name": "blue square", "box": SQUARE_BOX}]}]
+    assert frame_from_dict(truth["frame"]) == CANONICAL  # what VERL_SYSTEM asks the model to write
     user = row["prompt"][1]["content"]
     assert row["prompt"][0]["role"] == "system" and user.count("<image>") == len(row["images"]) == 12
-    assert user.startswith("Frame 1 at 0 s: <image>") and user.endswith("passes the middle?")
+    assert user.startswith("Frame 1 at 0 s: <image>\nFrame 2 at 0.5 s: <image>\n")
+    assert user.endswith("<image>\nWhere is the red circle when it passes the middle?")
     Image.open(io.BytesIO(row["images"][0]["bytes"])).verify()
     assert row["ability"] == "spatio_temporal" and row["data_source"] == "stgr/synthetic"
     assert json.loads(row["extra_info"]["key_frames"])[0]["t_s"] == 2.0
     assert list(row["extra_info"]["answer_span"]) == [0.0, 5.0]
+
+
+def test_verl_ground_truth_scores_with_compute_score(run, tmp_path):
+    """verl passes `reward_model.ground_truth` to the custom reward as it is: our `compute_score` must
+    score the exported rows unchanged, full marks for a grounded correct completion, little for a wrong one."""
+    from train.rewards import COMPONENTS, compute_score
+
+    path, _ = run
+    out = tmp_path / "verl.parquet"
+    assert main(["export", str(path), "--format", "verl", "--out", str(out)]) == 0
+    rows = pd.read_parquet(out)
+    assert len(rows) > 0
+    x1, y1, x2, y2 = circle_box(2.0)
+    right = (f"<think>The <obj>red circle</obj><box>[{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}]</box>at<t>2</t>s "
+             f"passes the middle.</think><answer>[0.0, 5.0]</answer>")
+    wrong = ("<think>The <obj>red circle</obj><box>[0.700,0.600,0.900,0.950]</box>at<t>5.5</t>s "
+             "is on the right.</think><answer>[4.5, 5.5]</answer>")
+    for _, row in rows.iterrows():
+        kwargs = {"data_source": row["data_source"], "ground_truth": row["reward_model"]["ground_truth"],
+                  "extra_info": row["extra_info"]}
+        good, bad = compute_score(solution_str=right, **kwargs), compute_score(solution_str=wrong, **kwargs)
+        assert good == pytest.approx({"score": 4.0, **{name: 1.0 for name in COMPONENTS}})
+        assert bad["format"] == 1.0 and bad["spatial"] == 0.0  # cited 3.5 s from the key frame: gated out
+        assert bad["accuracy"] == pytest.approx(0.5 / 5.5)  # tIoU([0, 5], [4.5, 5.5])
+        assert bad["temporal"] == pytest.approx(math.exp(-(3.5**2) / (2 * 4.0**2)))  # sigma 4 at the start
+        assert bad["score"] < good["score"] - 2
 
 
 def test_every_task_has_an_upstream_name_and_options_are_lettered():

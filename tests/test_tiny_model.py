@@ -12,7 +12,6 @@ from PIL import Image
 from stages.tiny_model import build_tiny_qwen25vl
 
 
-
 def _messages() -> list[dict]:
     return [
         {"role": "user", "content": [
@@ -75,3 +74,24 @@ def test_same_seed_same_model_and_cli(tmp_path: Path, tiny_model_dir: Path) -> N
     assert json.loads((tmp_path / "cli" / "stgr_tiny.json").read_text())["seed"] == 0
     other = build_tiny_qwen25vl(tmp_path / "seed1", seed=1)
     assert (other / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
+
+
+def test_head_dim_32_variant_for_vllm_cpu(tmp_path: Path) -> None:
+    """vLLM's CPU attention needs head size >= 32: `head_dim=32` builds 2 heads of 32 that load and run."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = build_tiny_qwen25vl(tmp_path / "hd32", seed=0, head_dim=32)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    text = model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads) == (2, 1)
+    assert text.hidden_size // text.num_attention_heads == 32
+    assert model.model.language_model.layers[0].self_attn.head_dim == 32
+    assert sum(text.rope_parameters["mrope_section"]) == 16  # head_dim / 2 rotary pairs
+    processor = AutoProcessor.from_pretrained(out)
+    batch = processor(text=[processor.apply_chat_template(_messages(), tokenize=False)], images=_frames(),
+                      return_tensors="pt")
+    assert torch.isfinite(model(**batch, labels=batch["input_ids"]).loss)
+    assert json.loads((out / "stgr_tiny.json").read_text())["head_dim"] == 32
+    with pytest.raises(ValueError, match="head_dim"):
+        build_tiny_qwen25vl(tmp_path / "bad", head_dim=24)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,13 @@ from stages import evidence
 from stages.geometry import CANONICAL
 from stages.schema import to_table
 from tests.train_toy import toy_record, write_toy_dataset
-from train.data import FramePolicy, iter_examples, load_records, render_example, select_frames
-
+from train.data import (
+    FramePolicy,
+    iter_examples,
+    load_records,
+    render_example,
+    select_frames,
+)
 
 TINY_MODEL_CFG = {"path": None, "min_pixels": 3136, "max_pixels": 50176, "box_frame": "qwen2.5-vl"}
 POLICY = FramePolicy(max_frames=3, min_pixels=3136, max_pixels=50176)
@@ -31,12 +37,12 @@ def test_render_labels_frames_and_moves_boxes_to_the_model_frame(toy: Path):
         content = ex.messages[0]["content"]
         assert content[0]["text"].startswith("The video is 2.5 s long. You see 3 frames")
         labels = [p["text"] for p in content if p["type"] == "text" and p["text"].startswith("Frame ")]
-        assert labels[0].startswith("Frame 1 at ") and labels[0].endswith(" s:")
+        assert labels[0].startswith("Frame 1 at ") and labels[0].endswith(" s: ")
         assert sum(p["type"] == "image" for p in content) == len(ex.images) == 3
         # 160 x 120 frames are fed to Qwen2.5-VL as 168 x 112: boxes are integer pixels of that.
         assert (ex.frame.width, ex.frame.height) == (168.0, 112.0)
         key_t = record["key_frames"][0]["t_s"]
-        shown = [float(lab.split(" at ")[1].removesuffix(" s:")) for lab in labels]
+        shown = [float(lab.split(" at ")[1].removesuffix(" s: ")) for lab in labels]
         assert key_t in shown  # the key frame is always among the frames shown
         canonical = evidence.parse_trace(record["reasoning"]).claims
         in_frame = evidence.parse_trace(ex.target, ex.frame).claims
@@ -88,13 +94,61 @@ def test_bad_shards_name_file_record_and_field(tmp_path: Path):
     assert len(load_records(root / "dataset", "stgr-cot", max_records=1)) == 1  # the dataset folder itself works
 
 
-def test_trace_in_another_spelling_is_left_out_with_a_warning(toy: Path, caplog):
-    records = load_records(toy, "stgr-cot")[:2]
-    records[0] = {**records[0], "reasoning": records[0]["reasoning"].replace("<box>[", "<box>[ ")}
+def test_traces_in_any_spelling_are_moved_to_the_model_frame(toy: Path):
+    """Boxes written with ints, spaces, semicolons or parentheses are moved like the canonical spelling."""
+    record = next(r for r in load_records(toy, "stgr-cot") if r["task"] == "spatial")
+    (claim, *_) = evidence.parse_trace(record["reasoning"]).claims
+    x1, y1, x2, y2 = claim.boxes[0]
+    box_start = record["reasoning"].index("<box>")
+    box_end = record["reasoning"].index("</box>") + len("</box>")
+    reasoning = (record["reasoning"][:box_start] + f"<box>[ {x1:g} ,{y1:g} ;  {x2:g}, {y2:g} ]</box>"
+                 + record["reasoning"][box_end:] + " The <obj>frame</obj><box>(0, 0, 1, 1)</box> at <t>1</t>s.")
+    answer = "[" + " , ".join(f"{v:g}" for v in evidence.parse_box_answer(record["answer"])) + " ]"
+    ex = render_example({**record, "reasoning": reasoning, "answer": answer}, POLICY)
+    canonical = evidence.parse_trace(reasoning).claims
+    moved = evidence.parse_trace(ex.target, ex.frame).claims
+    assert [c.name for c in moved] == [c.name for c in canonical] and len(moved) == 2
+    for a, b in zip(canonical, moved):
+        assert a.t == b.t and np.allclose(a.boxes, b.boxes, atol=ex.frame.tolerance() + 1e-9)
+    assert "<obj>frame</obj><box>[0,0,168,112]</box> at <t>1</t>s." in ex.target  # prose kept verbatim
+    assert np.allclose(evidence.parse_box_answer(ex.target, ex.frame), evidence.parse_box_answer(answer),
+                       atol=ex.frame.tolerance() + 1e-9)
+    boxes = re.findall(r"<box>(.*?)</box>", ex.target) + [evidence.answer_text(ex.target)]
+    assert len(boxes) == 3 and not any("." in box for box in boxes)  # integer pixels, none left normalised
+
+
+def test_trace_that_cannot_be_moved_is_left_out_with_a_warning(toy: Path, caplog):
+    records = load_records(toy, "stgr-cot")[:3]
+    spatial = next(r for r in load_records(toy, "stgr-cot") if r["task"] == "spatial")
+    overflow = {**records[0], "reasoning": records[0]["reasoning"] + " <obj>glitch</obj><box>[0, 0, 1e308, 1]</box>"}
+    no_box = {**spatial, "answer": "on the left"}
     with caplog.at_level(logging.WARNING, logger="stgr.train.data"):
-        out = list(iter_examples(records, POLICY, {}))
+        out = list(iter_examples([overflow, records[1], no_box], POLICY, {}))
     assert [e.id for e in out] == [records[1]["id"]]
-    assert records[0]["id"] in caplog.text and "field 'reasoning'" in caplog.text
+    assert f"record {overflow['id']!r}: field 'reasoning'" in caplog.text and "frame qwen2.5-vl" in caplog.text
+    assert f"record {no_box['id']!r}: field 'answer' holds no box" in caplog.text
+    assert "left out 2 of 3 records" in caplog.text
+
+
+def test_training_and_evaluation_prompts_lay_out_frames_alike(toy: Path, tiny_model_dir: Path):
+    """Evaluation sends the rendered training chat through a backend (`request_from_messages`, then the
+    transformers backend's `chat_messages`): the text around every image must be the training text."""
+    from transformers import AutoProcessor
+
+    from stages.backends.transformers_backend import chat_messages
+    from train.eval.runner import request_from_messages
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    ex = render_example(load_records(toy, "stgr-cot")[0], POLICY, "Answer in the grammar.", "You see videos.")
+    request = request_from_messages(ex.prompt(), ex.images, max_new_tokens=8)
+    trained = processor.apply_chat_template(ex.prompt(), tokenize=False, add_generation_prompt=True)
+    evaluated = processor.apply_chat_template(chat_messages(request), tokenize=False, add_generation_prompt=True)
+    assert evaluated == trained
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    labels = [p["text"] for p in ex.messages[-2]["content"] if p["type"] == "text" and p["text"].startswith("Frame ")]
+    prompt = ex.messages[-2]["content"][-1]["text"]
+    assert f"time.\n{labels[0]}{image}\n{labels[1]}{image}\n{labels[2]}{image}\n{prompt}<|im_end|>" in trained
+    assert labels[0].endswith(" s: ")
 
 
 def test_canonical_frame_keeps_the_trace_verbatim(toy: Path):

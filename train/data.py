@@ -2,10 +2,11 @@
 
 One record becomes one single-turn chat: the user turn holds a total-length line, the chosen frames
 as images each preceded by its label `Frame k at t s:` (times on the source video's own timeline,
-the same timeline the trace cites), the question, the options and the output instruction; the
-assistant turn is `<think>reasoning</think><answer>answer</answer>` with every box rewritten from
-the canonical normalised frame into the model's own frame (Qwen2.5-VL: integer pixels of the
-resized input) through `stages.geometry`/`stages.evidence`, never by hand.
+the same timeline the trace cites; laid out by `stages.chat_layout`, as the annotation backends lay
+them out), the question, the options and the output instruction; the assistant turn is
+`<think>reasoning</think><answer>answer</answer>` with every box rewritten from the canonical
+normalised frame into the model's own frame (Qwen2.5-VL: integer pixels of the resized input) by
+`stages.evidence.reframe_text`, never by hand.
 
 Why frames as labelled images rather than the processor's video path: the labels give the model
 the exact timestamp of each frame (the video path only gives it a frame rate, and the sampled
@@ -23,22 +24,28 @@ import inspect
 import io
 import json
 import logging
-import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from stages import evidence, geometry
-from stages.schema import TASKS
+from stages.chat_layout import frames_content
+from stages.schema import ANSWER_KINDS, TASKS
+from stages.targets import frame_from_dict, frame_to_dict, reward_target  # noqa: F401 - frame_*: for train.eval
 
 log = logging.getLogger("stgr.train.data")
 
 #: Columns a record needs to be rendered (others are carried along or ignored).
 REQUIRED = ("id", "task", "frames", "question", "answer")
+
+#: Part of the rendered-dataset cache key: bump it whenever rendering changes what the model sees
+#: for the same shards and options (2: `stages.chat_layout` separators, boxes moved by `reframe_text`).
+RENDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -86,15 +93,6 @@ class RenderedExample:
 
     def prompt(self) -> list[dict[str, Any]]:
         return [m for m in self.messages if m["role"] != "assistant"]
-
-
-def frame_to_dict(frame: geometry.BoxFrame) -> dict[str, Any]:
-    return {"name": frame.name, "width": frame.width, "height": frame.height, "layout": frame.layout,
-            "decimals": frame.decimals, "time_decimals": frame.time_decimals}
-
-
-def frame_from_dict(data: Mapping[str, Any]) -> geometry.BoxFrame:
-    return geometry.BoxFrame(**{k: data[k] for k in ("name", "width", "height", "layout", "decimals", "time_decimals")})
 
 
 # --- reading shards ---------------------------------------------------------------------------------
@@ -217,17 +215,6 @@ class RenderError(InputError):
     """A record whose trace cannot be written in the model's frame (see `render_target`)."""
 
 
-def render_answer(record: Mapping[str, Any], frame: geometry.BoxFrame) -> str:
-    """The answer in `frame`: a box answer (spatial task) is re-written, anything else is kept."""
-    answer = str(record["answer"]).strip()
-    if record.get("task") == "spatial" and not record.get("options"):
-        box = evidence.parse_box_answer(answer)
-        if box is None:
-            raise RenderError(f"{record.get('_file')}: record {record['id']!r}: field 'answer' holds no box: {answer!r}")
-        return frame.format_box(frame.quantise(frame.from_canonical([box])))
-    return answer
-
-
 def _same_claim(a: evidence.Claim, b: evidence.Claim, frame: geometry.BoxFrame) -> bool:
     """Equal up to what writing in `frame` may round away."""
     if a.name != b.name or len(a.boxes) != len(b.boxes) or (a.t is None) != (b.t is None):
@@ -240,44 +227,32 @@ def _same_claim(a: evidence.Claim, b: evidence.Claim, frame: geometry.BoxFrame) 
 def render_target(record: Mapping[str, Any], frame: geometry.BoxFrame) -> str:
     """`<think>…</think><answer>…</answer>` with every box moved from canonical to `frame`.
 
-    Each claim of the canonical reasoning is located by its canonical rendering
-    (`evidence.render_claim`, the spelling the annotators write) and replaced by its rendering in
-    `frame`; a restated box answer in the prose is replaced the same way. The result is parsed back
-    in `frame` and must give the same claims (within the frame's rounding): a trace written in
-    another spelling raises RenderError rather than train on boxes in two frames at once.
+    `evidence.reframe_text` rewrites every box, in any spelling the grammar accepts, and keeps the
+    prose verbatim. The result is parsed back in `frame` and must give the record's claims and answer
+    box (within the frame's rounding); if it does not (a box that cannot be written in `frame`, such
+    as one that overflows it), RenderError rather than train on boxes in two frames at once. A box
+    answer (`stages.schema.ANSWER_KINDS`) must hold a box.
     """
-    reasoning = str(record.get("reasoning") or "").strip()
-    answer = render_answer(record, frame)
-    trace = evidence.parse_trace(reasoning)
-    swaps = {evidence.render_claim(c, geometry.CANONICAL): evidence.render_claim(c, frame) for c in trace.claims}
-    if answer != str(record["answer"]).strip():
-        swaps[str(record["answer"]).strip()] = answer
-    if swaps and frame != geometry.CANONICAL:
-        pattern = re.compile("|".join(re.escape(k) for k in sorted(swaps, key=len, reverse=True)))
-        reasoning = pattern.sub(lambda m: swaps[m.group(0)], reasoning)
-        back = evidence.parse_trace(reasoning, frame).claims
-        if len(back) != len(trace.claims) or not all(_same_claim(a, b, frame) for a, b in zip(trace.claims, back)):
-            raise RenderError(f"{record.get('_file')}: record {record['id']!r}: field 'reasoning' is not written in the "
-                              f"canonical claim spelling; cannot move its boxes to frame {frame.name}")
-    return f"<think>{reasoning}</think><answer>{answer}</answer>"
-
-
-def reward_target(record: Mapping[str, Any], frame: geometry.BoxFrame) -> dict[str, Any]:
-    """Everything the rewards need about a record, JSON-able and in canonical units, plus the frame
-    the model writes boxes in (so rewards can map completions back). Shared with verl's ground_truth."""
-    return {
-        "id": record["id"],
-        "task": record["task"],
-        "answer": record["answer"],
-        "options": list(record.get("options") or []),
-        "answer_span": list(record["answer_span"]) if record.get("answer_span") else None,
-        "key_frames": [
-            {"t_s": float(kf["t_s"]),
-             "objects": [{"name": o.get("name"), "box": list(o["box"])} for o in kf.get("objects") or [] if o.get("box")]}
-            for kf in record.get("key_frames") or [] if kf.get("t_s") is not None
-        ],
-        "frame": frame_to_dict(frame),
-    }
+    reasoning, answer = str(record.get("reasoning") or "").strip(), str(record["answer"]).strip()
+    canonical = f"<think>{reasoning}</think><answer>{answer}</answer>"
+    where = f"{record.get('_file')}: record {record['id']!r}"
+    box_answer = ANSWER_KINDS.get(record.get("task")) == "box" and not record.get("options")
+    answer_box = evidence.parse_box_answer(canonical) if box_answer else None
+    if box_answer and answer_box is None:
+        raise RenderError(f"{where}: field 'answer' holds no box: {record['answer']!r}")
+    if frame == geometry.CANONICAL:
+        return canonical
+    target = evidence.reframe_text(canonical, geometry.CANONICAL, frame)
+    before, after = evidence.parse_trace(canonical).claims, evidence.parse_trace(target, frame).claims
+    if len(before) != len(after) or not all(_same_claim(a, b, frame) for a, b in zip(before, after)):
+        raise RenderError(f"{where}: field 'reasoning': its boxes cannot be written in frame {frame.name} "
+                          f"({frame.width:g} x {frame.height:g}); parsed back they differ")
+    if box_answer:
+        moved_box = evidence.parse_box_answer(target, frame)
+        if moved_box is None or not np.allclose(answer_box, moved_box, atol=frame.tolerance() + 1e-9, rtol=0):
+            raise RenderError(f"{where}: field 'answer': its box cannot be written in frame {frame.name} "
+                              f"({frame.width:g} x {frame.height:g}); parsed back it differs")
+    return target
 
 
 def render_example(
@@ -298,16 +273,14 @@ def render_example(
     length = (f"The video is {format_seconds(duration)} s long. " if duration else "") + (
         f"You see {len(positions)} frames of it, each labelled with its time."
     )
-    content: list[dict[str, Any]] = [{"type": "text", "text": length + "\n"}]
-    for k, pos in enumerate(positions, start=1):
-        content.append({"type": "text", "text": f"Frame {k} at {format_seconds(frames[pos]['t_s'])} s:"})
-        content.append({"type": "image"})
+    labels = [f"Frame {k} at {format_seconds(frames[pos]['t_s'])} s:" for k, pos in enumerate(positions, start=1)]
     question = record["question"].strip()
     options = [o for o in record.get("options") or [] if o]
     if options:
         question += "\nOptions:\n" + "\n".join(options)
     grid = f"Boxes are [x1,y1,x2,y2] on a {frame.width:g} x {frame.height:g} grid over each frame."
-    content.append({"type": "text", "text": "\n".join(p for p in (question, grid, instruction.strip()) if p)})
+    prompt = "\n".join(p for p in (question, grid, instruction.strip()) if p)
+    content = frames_content(labels, prompt, preamble=length + "\n")
     target = render_target(record, frame)
     messages: list[dict[str, Any]] = []
     if system_prompt:
@@ -344,7 +317,8 @@ def build_dataset(kind: str, data: Mapping[str, Any], model: Mapping[str, Any], 
     records_args = (data["dir"], data["split"], data.get("max_records"), data.get("tasks"))
     files = shard_files(data["dir"], data["split"])
     policy = FramePolicy.from_config(model, data)
-    fp = data_fingerprint(files, kind, records_args[1:], policy, data.get("instruction"), data.get("system_prompt"))
+    fp = data_fingerprint(files, RENDER_VERSION, kind, records_args[1:], policy, data.get("instruction"),
+                          data.get("system_prompt"))
 
     def generate() -> Iterator[dict[str, Any]]:
         for ex in iter_examples(load_records(*records_args), policy, data):

@@ -1,7 +1,7 @@
 """The paper's RL rewards, as plain functions in TRL's reward signature (and a verl adapter).
 
 Every function takes `completions` (strings, or chat messages as TRL passes them) and
-`reward_target` (one JSON object per completion, made by `train.data.reward_target`: task, answer,
+`reward_target` (one JSON object per completion, made by `stages.targets.reward_target`: task, answer,
 options, answer span, key frames with canonical boxes, and the box frame the model writes in) and
 returns one float per completion. None of them raises: malformed text, malformed targets and
 absurd inputs (10,000 claims, boxes with three numbers, times as words) score 0 for what is wrong.
@@ -37,6 +37,7 @@ import numpy as np
 
 from stages import evidence, geometry, metrics
 from stages.schema import ANSWER_KINDS
+from stages.targets import frame_from_dict
 
 log = logging.getLogger("stgr.train.rewards")
 
@@ -124,8 +125,6 @@ def _parse_target_text(raw: str | bytes) -> Target | None:
 
 
 def _parse_target(raw: Any) -> Target | None:
-    from train.data import frame_from_dict
-
     try:
         data = json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
         key_frames = [kf for kf in data.get("key_frames") or [] if kf.get("t_s") is not None]
@@ -416,7 +415,7 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_
                   **reward_kwargs: Any) -> dict[str, float]:
     """verl's custom reward signature (`custom_reward_function.path=train/rewards.py`, `name=compute_score`).
 
-    `ground_truth` is the reward target (`train.data.reward_target`, JSON text or dict; `stgr export
+    `ground_truth` is the reward target (`stages.targets.reward_target`, JSON text or dict; `stgr export
     --format verl` writes it). `extra_info["progress"]` (0-1), if given, drives the sigma schedule;
     `reward_kwargs` may hold a `rewards` mapping shaped like conf/train/rl.yaml's. Returns verl's dict
     form: `score` (the weighted total) plus each component.

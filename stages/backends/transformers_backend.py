@@ -2,28 +2,25 @@
 
 Loaded once per actor with `AutoModelForImageTextToText.from_pretrained` and its `AutoProcessor`
 (Qwen2.5-VL and any other chat VLM whose processor takes images). Each frame is passed as an image
-right after its `Frame k at t s:` label (structured chat content, so the chat template puts each
-image at its label rather than all images first). Requests are generated in padded batches of the
-stage's `batch_size`, grouped by sampling parameters, with left padding so every row's new tokens
-start at the same position.
+right after its `Frame k at t s:` label (structured chat content in `stages.chat_layout`'s layout,
+so the chat template puts each image at its label rather than all images first). Requests are
+generated in padded batches of the stage's `batch_size`, grouped by sampling parameters, with left
+padding so every row's new tokens start at the same position.
 """
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from stages.backends import Backend, ChatRequest, register_backend
+from stages.chat_layout import frames_content
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
-    """The request as chat messages with structured content: label, image, label, image, ..., prompt."""
-    content: list[dict[str, Any]] = []
-    for image in request.images:
-        if image.label:
-            content.append({"type": "text", "text": image.label + " "})
-        content.append({"type": "image"})
-        content.append({"type": "text", "text": "\n"})
-    content.append({"type": "text", "text": request.prompt})
+    """The request as chat messages with structured content: label, image, label, image, ..., prompt,
+    in `stages.chat_layout`'s layout (the one training renders, so prompts match token for token)."""
+    content = frames_content([image.label for image in request.images], request.prompt)
     messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})

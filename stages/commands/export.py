@@ -8,9 +8,12 @@
   (path relative to `kfs/`) and `key_items {idx: {name: [[x1, y1, x2, y2], ...]}}` in normalised
   coordinates, as upstream's Gemini-annotated sets.
 - `verl`: one Parquet file OUT in verl's RL layout: `data_source`, `prompt` (chat messages whose user
-  turn interleaves `Frame k at t s: <image>` with the question), `images` ([{bytes}], one per
-  `<image>`), `ability` (the task), `reward_model {style: rule, ground_truth: answer}` and
-  `extra_info` (id, split, index, task, question, answer_span, key frames as JSON) for grounded rewards.
+  turn interleaves `Frame k at t s: <image>` with the question, in `stages.chat_layout`'s layout),
+  `images` ([{bytes}], one per `<image>`), `ability` (the task), `reward_model {style: rule,
+  ground_truth}` and `extra_info` (id, split, index, task, question, answer_span, key frames as JSON).
+  `ground_truth` is the record's reward target (`stages.targets.reward_target`, JSON text, boxes in
+  the normalised frame the system prompt asks for), so `train/rewards.py`'s `compute_score` scores
+  verl's rollouts with the paper's rewards unchanged.
 
 PATH is anything `stgr inspect` takes; `--split` keeps one split.
 """
@@ -19,7 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,7 +32,10 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from stages.annotate import FrameReader
 from stages.backends import LabelledImage
+from stages.chat_layout import frames_text
 from stages.commands._records import locate
+from stages.geometry import CANONICAL
+from stages.targets import reward_target
 
 OPEN_O3_TASKS: dict[str, str] = {
     "spatio_temporal": "temporal-spatial free-form QA",
@@ -144,18 +151,19 @@ def export_open_o3(records: Iterable[dict[str, Any]], out: str) -> dict[str, int
 
 
 def verl_row(record: Mapping[str, Any], index: int, reader: FrameReader) -> dict[str, Any]:
-    """One verl RL example: frames as `<image>` placeholders in the user turn, the answer as the rule's truth."""
+    """One verl RL example: frames as `<image>` placeholders in the user turn; the reward target (boxes
+    in the normalised frame `VERL_SYSTEM` asks for) as the rule's ground truth."""
     images = reader.images(record)
-    frames_text = "\n".join(f"{image.label} <image>" for image in images)
     key_frames = [{"t_s": kf["t_s"], "objects": [{"name": o["name"], "box": list(o["box"])} for o in kf.get("objects") or []]}
                   for kf in record.get("key_frames") or []]
     return {
         "data_source": f"stgr/{record.get('source')}",
         "prompt": [{"role": "system", "content": VERL_SYSTEM},
-                   {"role": "user", "content": f"{frames_text}\n{question_text(record)}"}],
+                   {"role": "user", "content": frames_text([image.label for image in images], question_text(record),
+                                                           "<image>")}],
         "images": [{"bytes": image.jpeg} for image in images],
         "ability": record.get("task"),
-        "reward_model": {"style": "rule", "ground_truth": record.get("answer") or ""},
+        "reward_model": {"style": "rule", "ground_truth": json.dumps(reward_target(record, CANONICAL))},
         "extra_info": {"id": record["id"], "split": record.get("split"), "index": index, "task": record.get("task"),
                        "question": record.get("question"), "answer_span": record.get("answer_span"),
                        "key_frames": json.dumps(key_frames)},
