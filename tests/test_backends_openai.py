@@ -22,6 +22,7 @@ import pytest
 from pipeline.testing import unit_context
 from stages.annotate import AnnotateStage, FrameReader
 from stages.backends import ChatRequest, LabelledImage, RequestFailed, make_backend
+from stages.chat_layout import IMAGE_END, LABEL_END, frames_content, frames_text
 from stages.response_cache import ResponseCache
 from stages.schema import to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
@@ -31,31 +32,42 @@ MAX_NEW_TOKENS = 12
 
 
 def request_from_body(body: dict[str, Any]) -> ChatRequest:
-    """The server side of `chat_body`: OpenAI messages back into a ChatRequest (labels, JPEGs, prompt)."""
+    """The server side of `chat_body`: OpenAI messages back into a ChatRequest (labels, JPEGs, prompt).
+
+    The text before each image, less `LABEL_END`, is its label; the text part right after an image must
+    be `IMAGE_END`; the rest is the prompt. Raises ValueError (the server answers 400) unless the user
+    turn is exactly `stages.chat_layout`'s layout of what was read back, so a backend that drifts
+    from the layout training renders fails every request here."""
     system = None
-    images, label, prompt = [], "", ""
+    labels, jpegs, text, content = [], [], "", []
     for message in body["messages"]:
         if message["role"] == "system":
             system = message["content"]
             continue
-        parts = message["content"]
-        for i, part in enumerate(parts):
-            if part["type"] == "image_url":
-                data = part["image_url"]["url"].split(",", 1)[1]
-                images.append(LabelledImage(base64.b64decode(data), label))
-                label = ""
-            elif i == len(parts) - 1:
-                prompt = part["text"]
-            else:
-                label = part["text"]
-    return ChatRequest(prompt=prompt, images=tuple(images), system=system, max_new_tokens=body["max_tokens"],
-                       temperature=body["temperature"], top_p=body["top_p"], seed=body["seed"])
+        content = message["content"]
+    after_image = False
+    for part in content:
+        if part["type"] == "image_url":
+            labels.append(text.removesuffix(LABEL_END))
+            jpegs.append(base64.b64decode(part["image_url"]["url"].split(",", 1)[1]))
+            text, after_image = "", True
+        elif after_image and part["text"] == IMAGE_END:
+            after_image = False
+        else:
+            text += part["text"]
+    received = [{"type": "image"} if part["type"] == "image_url" else part for part in content]
+    if received != frames_content(labels, text):
+        raise ValueError(f"user turn is not in stages.chat_layout's layout: {received!r}")
+    return ChatRequest(prompt=text, images=tuple(LabelledImage(j, label) for j, label in zip(jpegs, labels)),
+                       system=system, max_new_tokens=body["max_tokens"], temperature=body["temperature"],
+                       top_p=body["top_p"], seed=body["seed"])
 
 
 class TinyModelServer:
     """POST /v1/chat/completions answered by the tiny model. `fail(body_sha, attempt, body)` may return
     an HTTP status to answer with ("500", "429", ...), "timeout" (hang past the client's timeout) or
-    None (answer normally). Counts calls per body, and successful answers per body."""
+    None (answer normally). Counts calls per body, and successful answers per body; keeps the bodies
+    it answers (`bodies`), and answers 400 to a body not in `stages.chat_layout`'s layout."""
 
     def __init__(self, model_dir: str, fail: Callable[[str, int, dict[str, Any]], str | None] | None = None,
                  api_key: str | None = None, client_timeout_s: float = 8.0, hang_s: float = 9.0,
@@ -71,6 +83,7 @@ class TinyModelServer:
         self.calls: collections.Counter[str] = collections.Counter()
         self.delivered: collections.Counter[str] = collections.Counter()
         self.modes: collections.Counter[str] = collections.Counter()
+        self.bodies: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
         server = self
@@ -125,9 +138,16 @@ class TinyModelServer:
                         headers = {"Retry-After": "0"} if mode == "429" else {}
                         self._send(int(mode), {"error": {"message": f"injected HTTP {mode}"}}, headers)
                     else:
+                        try:
+                            request = request_from_body(body)
+                        except ValueError as exc:
+                            self._send(400, {"error": {"message": str(exc)}})
+                            return
+                        with server.lock:
+                            server.bodies.append(body)
                         time.sleep(server.delay_s)
                         with server.generate_lock:
-                            text = server.backend.generate([request_from_body(body)])[0]
+                            text = server.backend.generate([request])[0]
                         with server.lock:
                             server.delivered[key] += 1
                         self._send(200, {"id": f"chatcmpl-{key[:12]}", "object": "chat.completion",
@@ -185,6 +205,14 @@ def test_annotate_through_a_real_local_endpoint_and_never_pays_twice(tmp_path, t
         request = stage.request_for(records[0], FrameReader(64))
         row0 = next(r for r in rows if r["id"] == records[0]["id"])
         assert row0["response"] == local.generate([request])[0]
+        # ... sent in stages.chat_layout's layout: `label image` pairs, one a line, then the prompt
+        (body,) = [b for b in server.bodies if request_from_body(b).images == request.images]
+        shown = "".join(part["text"] if part["type"] == "text" else "<image>"
+                        for part in body["messages"][-1]["content"])
+        labels = [image.label for image in request.images]
+        assert labels[0] == "Frame 1 at 0.5 s:"
+        assert shown.startswith(f"{labels[0]} <image>\n{labels[1]} <image>\n{labels[2]} <image>\n")
+        assert shown == frames_text(labels, request.prompt, "<image>")
         assert row0["provenance"]["annotator"] == "openai"
         assert row0["provenance"]["model"] == "tiny-qwen@main"
         # a resumed unit (new stage instance, same run directory) answers from the cache

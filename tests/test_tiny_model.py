@@ -29,6 +29,14 @@ def _frames(n: int = 2) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def _cli(argv: list[str]) -> argparse.Namespace:
+    from stages import commands
+
+    parser = argparse.ArgumentParser(prog="stgr")
+    commands.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
 def test_loads_and_runs_images(tiny_model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -63,11 +71,7 @@ def test_chat_template_marks_only_assistant_tokens(tiny_model_dir: Path) -> None
 
 
 def test_same_seed_same_model_and_cli(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from stages import commands
-
-    parser = argparse.ArgumentParser(prog="stgr")
-    commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["tiny-model", str(tmp_path / "cli"), "--seed", "0"])
+    args = _cli(["tiny-model", str(tmp_path / "cli"), "--seed", "0"])
     assert args.func(args) == 0
     for name in ("model.safetensors", "tokenizer.json"):
         assert (tmp_path / "cli" / name).read_bytes() == (tiny_model_dir / name).read_bytes()
@@ -76,12 +80,15 @@ def test_same_seed_same_model_and_cli(tmp_path: Path, tiny_model_dir: Path) -> N
     assert (other / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
 
 
-def test_head_dim_32_variant_for_vllm_cpu(tmp_path: Path) -> None:
-    """vLLM's CPU attention needs head size >= 32: `head_dim=32` builds 2 heads of 32 that load and run."""
+def test_head_dim_32_variant_for_vllm_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM's CPU attention needs head size >= 32: `stgr tiny-model OUT --head-dim 32` builds 2 heads of 32
+    that load and run."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    out = build_tiny_qwen25vl(tmp_path / "hd32", seed=0, head_dim=32)
+    out = tmp_path / "hd32"
+    args = _cli(["tiny-model", str(out), "--head-dim", "32"])
+    assert args.func(args) == 0
     model = AutoModelForImageTextToText.from_pretrained(out)
     text = model.config.text_config
     assert (text.num_attention_heads, text.num_key_value_heads) == (2, 1)
@@ -95,3 +102,7 @@ def test_head_dim_32_variant_for_vllm_cpu(tmp_path: Path) -> None:
     assert json.loads((out / "stgr_tiny.json").read_text())["head_dim"] == 32
     with pytest.raises(ValueError, match="head_dim"):
         build_tiny_qwen25vl(tmp_path / "bad", head_dim=24)
+    with pytest.raises(SystemExit) as exited:
+        _cli(["tiny-model", str(tmp_path / "bad"), "--head-dim", "24"])
+    assert exited.value.code == 2 and "invalid choice: 24" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

