@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 TASKS = ("spatio_temporal", "temporal", "temporal_mcq", "spatial", "general_mcq", "general_free")
 
@@ -29,7 +29,12 @@ ANSWER_KINDS: dict[str, str] = {
     "general_free": "text",
 }
 
-BOX = pa.list_(pa.float64(), 4)
+# Boxes (4 floats) and spans (2 floats) are variable-size lists in the schema, their length checked
+# by the code that writes them: Parquet has no fixed-size list, and pyarrow releases before ~23 (and
+# other readers) fail to read a fixed-size list column with nulls back ("Expected all lists to be
+# of size=2"), which would lock users of older stacks out of the shards.
+BOX = pa.list_(pa.float64())
+SPAN = pa.list_(pa.float64())
 
 MEDIA = pa.struct(
     [
@@ -101,7 +106,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("question", pa.string()),
         pa.field("options", pa.list_(pa.string())),
         pa.field("answer", pa.string()),
-        pa.field("answer_span", pa.list_(pa.float64(), 2)),
+        pa.field("answer_span", SPAN),
         pa.field("reasoning", pa.string()),
         pa.field("key_frames", pa.list_(KEY_FRAME)),
         pa.field("gt", GROUND_TRUTH),

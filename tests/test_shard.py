@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.stage import LEDGER_SCHEMA, Rejection
 from pipeline.testing import unit_context
-from stages.schema import RECORD_SCHEMA, to_table
+from stages.schema import RECORD_SCHEMA, SCHEMA_VERSION, to_table
 from stages.shard import Shard, split_of
 from tests.record_factory import make_record
 
@@ -75,7 +75,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
 
     dataset = run / "dataset"
     manifest = json.loads((dataset / "manifest.json").read_text())
-    assert manifest["schema_version"] == "1.0" and manifest["rows"] == 40
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["rows"] == 40
     total = 0
     for name, split in [("stgr-cot", "sft"), ("stgr-rl", "rl")]:
         info = manifest["splits"][name]
