@@ -40,6 +40,10 @@ def test_sft_memorises_and_resumes(tiny_model_dir: Path, tmp_path: Path, caplog)
     losses = [(r["step"], r["loss"]) for r in read_log(run) if "loss" in r]
     steps = [s for s, _ in losses]
     assert steps == sorted(steps) and steps[-1] == 40 and 25 in steps and steps.count(20) == 1
+    loss_at = dict(losses)
+    # The rerun continues from the memorised weights, not from step 0's: five steps after the
+    # resume the loss is far below where it was five steps after the start.
+    assert loss_at[25] < 0.5 * loss_at[5], loss_at
     first, last = losses[0][1], losses[-1][1]
     print(f"SFT loss on 4 fixed examples: step {losses[0][0]} {first:.3f} -> step {losses[-1][0]} {last:.3f}")
     assert last <= 0.5 * first

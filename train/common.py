@@ -103,6 +103,25 @@ def announce_resume(run: Path, max_steps: int) -> str | None:
     return ckpt
 
 
+def restore_weights(trainer: Any, checkpoint: str | None, cfg: Any) -> None:
+    """Load the checkpoint's weights into `trainer.model` the way `from_pretrained` does.
+
+    Trainer's resume loads a checkpoint's state dict by raw key names, but Qwen2.5-VL checkpoints are
+    saved in the legacy key layout (`visual.*`, `model.layers.*`) that only `from_pretrained` maps
+    back: left to Trainer, a resumed run silently restarts from the initial weights with a restored
+    optimizer (seen on an H100 and on CPU: the loss went back to its step-0 value). Trainer still
+    warns about those keys afterwards; with the weights already in place, its load changes nothing.
+    """
+    if checkpoint is None:
+        return
+    from omegaconf import DictConfig, OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    loaded = type(trainer.model).from_pretrained(checkpoint, **model_init_kwargs(config["model"]))
+    trainer.model.load_state_dict(loaded.state_dict())
+    log.info("weights restored from %s (Trainer's own key-by-key load may warn about legacy key names)", checkpoint)
+
+
 def use_gpu(trainer: Mapping[str, Any]) -> bool:
     import torch
 

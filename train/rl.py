@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from train.common import (
     JsonlLogger,
     announce_resume,
+    restore_weights,
     finish,
     load_processor,
     model_init_kwargs,
@@ -82,5 +83,6 @@ def run_rl(cfg: DictConfig | dict[str, Any], run: Path, callbacks: list | None =
     """Train (or resume) in `run`; returns the final step, the output folder and the last metrics."""
     trainer, processor = build_trainer(cfg, run, callbacks)
     resume = announce_resume(run, int(trainer.args.max_steps))
+    restore_weights(trainer, resume, cfg)
     trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, processor, run)
