@@ -8,17 +8,13 @@
 """
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.engine_util import kill_session, ledger_rows, node_rows, run_stgr, stgr
 from tests.test_backends_openai import TinyModelServer
-from tests.tiny_model_fixture import tiny_model_dir  # noqa: F401 - pytest fixture
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,6 @@ from stages.chat_layout import IMAGE_END, LABEL_END, frames_content, frames_text
 from stages.response_cache import ResponseCache
 from stages.schema import to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
-from tests.tiny_model_fixture import tiny_model_dir  # noqa: F401 - pytest fixture
 
 MAX_NEW_TOKENS = 12
 

@@ -9,7 +9,6 @@ from stages.backends import ChatRequest, LabelledImage, make_backend
 from stages.backends.transformers_backend import chat_messages
 from stages.schema import to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
-from tests.tiny_model_fixture import tiny_model_dir  # noqa: F401 - pytest fixture
 
 
 @pytest.fixture(scope="module")

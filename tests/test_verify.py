@@ -14,7 +14,6 @@ from stages.filter import Filter
 from stages.schema import to_table
 from stages.verify import Verify, crop, read_yes_no
 from tests.record_factory import circle_box, grounded_response, jpeg, make_record
-from tests.tiny_model_fixture import tiny_model_dir  # noqa: F401 - pytest fixture
 
 PROMPT = "Is this a {object}? Answer yes or no."
 
