@@ -98,6 +98,23 @@ class Backend(ABC):
         in place of a completion, so one bad request does not cost the others' (paid) results."""
         return list(self.generate(requests))
 
+
+class PerRequestBackend(Backend):
+    """A backend whose requests succeed or fail one by one: it implements `generate_each`, and
+    `generate` raises the first failure."""
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
+        out = []
+        for result in self.generate_each(requests):
+            if isinstance(result, RequestFailed):
+                raise result
+            out.append(result)
+        return out
+
+    @abstractmethod
+    def generate_each(self, requests: Sequence[ChatRequest]) -> list[str | RequestFailed]:
+        """One completion, or the request's `RequestFailed`, per request, in order."""
+
     def prompt_sha(self, template_sha: str) -> str:
         """What goes into provenance as `prompt_sha`: the prompt template's hash for backends that
         read the prompt; a backend that writes from `context` alone returns its own version hash."""

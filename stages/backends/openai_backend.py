@@ -22,7 +22,7 @@ import random
 import threading
 from typing import Any, Mapping, Sequence
 
-from stages.backends import Backend, ChatRequest, RequestFailed, register_backend
+from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
 from stages.chat_layout import frames_content
 
 #: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
@@ -64,7 +64,7 @@ def completion_text(data: Any) -> str:
 
 
 @register_backend
-class OpenAIBackend(Backend):
+class OpenAIBackend(PerRequestBackend):
     """Chat completions over HTTP (see the module docstring). Config: base_url, model, api_key_env,
     concurrency, timeout_s, max_retries, backoff_s, max_backoff_s."""
 
@@ -93,14 +93,6 @@ class OpenAIBackend(Backend):
         self.max_backoff_s = float(config.get("max_backoff_s", 60.0))
         if self.concurrency < 1 or self.max_retries < 0:
             raise ValueError("annotator.concurrency must be >= 1 and annotator.max_retries >= 0")
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
-        out = []
-        for result in self.generate_each(requests):
-            if isinstance(result, RequestFailed):
-                raise result
-            out.append(result)
-        return out
 
     def generate_each(self, requests: Sequence[ChatRequest]) -> list[str | RequestFailed]:
         coroutine = self._generate_all(list(requests))

@@ -21,7 +21,7 @@ import json
 import random
 from typing import Any, Mapping, Sequence
 
-from stages.backends import Backend, ChatRequest, RequestFailed, register_backend
+from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
 from stages.evidence import Claim, render_claim
 from stages.geometry import CANONICAL
 
@@ -244,7 +244,7 @@ def write_response(context: Mapping[str, Any], max_cites: int = 3) -> str:
 
 
 @register_backend
-class TemplateBackend(Backend):
+class TemplateBackend(PerRequestBackend):
     """Writes each response from `request.context` (see the module docstring); ignores the prompt."""
 
     name = "template"
@@ -253,14 +253,6 @@ class TemplateBackend(Backend):
     @property
     def model_id(self) -> str:
         return str(PHRASES["version"])
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
-        out = []
-        for result in self.generate_each(requests):
-            if isinstance(result, RequestFailed):
-                raise result
-            out.append(result)
-        return out
 
     def generate_each(self, requests: Sequence[ChatRequest]) -> list[str | RequestFailed]:
         out: list[str | RequestFailed] = []
