@@ -8,6 +8,7 @@ write-once commits and fingerprint reuse correct.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping
@@ -124,7 +125,7 @@ class UnitContext:
     fingerprints: Mapping[str, str] = field(default_factory=dict)
 
 
-class Stage:
+class Stage(ABC):
     """Base class of every stage.
 
     Subclasses set `name` (registry key) and `version` (bump it when the output for the same input
@@ -186,8 +187,9 @@ class Stage:
         """Source stages: how many partitions to produce. Runs on the driver."""
         raise TypeError(f"stage '{self.name}' is not a source stage")
 
+    @abstractmethod
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
-        raise NotImplementedError
+        """The kept rows and the ledger rows of one partition (`table` is None for a source)."""
 
 
 class RecordStage(Stage):
@@ -199,8 +201,9 @@ class RecordStage(Stage):
 
     output_schema: ClassVar[pa.Schema | None] = None
 
+    @abstractmethod
     def process_record(self, record: dict[str, Any], ctx: UnitContext) -> dict[str, Any] | list[dict[str, Any]] | None:
-        raise NotImplementedError
+        """The output row(s) of one record, or None to drop it silently (prefer `Reject`)."""
 
     def schema_for(self, table: pa.Table | None) -> pa.Schema | None:
         return self.output_schema or (table.schema if table is not None else None)

@@ -9,6 +9,7 @@ thresholds change often, so re-filtering a large build must stay cheap.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Mapping
@@ -83,7 +84,7 @@ class Outcome:
     reasons: dict[int, str]
 
 
-class Rule:
+class Rule(ABC):
     """One consistency rule. `threshold` is the default; config overrides it per build."""
 
     name: ClassVar[str]
@@ -94,8 +95,9 @@ class Rule:
     def __init__(self, threshold: Any) -> None:
         self.threshold_value = threshold
 
+    @abstractmethod
     def check(self, batch: Batch) -> Outcome:
-        raise NotImplementedError
+        """Which records of the batch fail this rule, with their values."""
 
     def threshold_for(self, task: str) -> Any:
         return self.threshold_value

@@ -15,6 +15,7 @@ Two kinds of bad input, two outcomes:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 import functools
 import importlib
 import json
@@ -32,7 +33,7 @@ from stages.schema import record_id
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
 
-class Adapter:
+class Adapter(ABC):
     """Base class of a source adapter.
 
     Subclasses set `name` (the value of `source.adapter`), optionally `aliases`, `required_keys`
@@ -76,16 +77,17 @@ class Adapter:
         return entries
 
     def load_entries(self) -> Sequence[Any]:
-        """Parse the whole annotation file; raise InputError for file-level problems."""
-        raise NotImplementedError
+        """Parse the whole annotation file; raise InputError for file-level problems. File-based
+        adapters implement it; one that generates its entries (synthetic) overrides `entries`."""
+        raise TypeError(f"adapter '{self.name}' reads no annotation file")
 
     def entry_label(self, entry: Any, position: int) -> str:
         """How the ledger names an entry (its video id where the format has one)."""
         return f"entry {position}"
 
+    @abstractmethod
     def seed(self, entry: Any, position: int, ctx: UnitContext) -> list[dict[str, Any]]:
         """Seed records of one entry (RECORD_SCHEMA columns); raise Reject for a malformed entry."""
-        raise NotImplementedError
 
     # -- helpers shared by the file-based adapters ------------------------------------------
     def media_path(self, *stems: str) -> str:
