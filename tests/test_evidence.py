@@ -13,6 +13,8 @@ from stages.evidence import (
     EVIDENCE_REQUIREMENTS,
     PROBLEMS,
     Claim,
+    _parse_general,
+    _scan_clean,
     check_format,
     claims_by_time,
     format_score,
@@ -410,3 +412,32 @@ def test_parse_never_raises(text: str, frame: g.BoxFrame) -> None:
     parse_box_answer(text, frame)
     parse_boxes_by_time(text, frame)
     assert reframe_text(reframe_text(text, frame, g.THOUSAND), g.THOUSAND, g.THOUSAND) is not None
+
+
+# The fast path (`_scan_clean`) must agree with the general path on every text, clean or not. The pieces
+# are chosen to sit on its edges: plain and non-plain boxes and times, stray and section tags, empty
+# names, separators, out-of-range and overflowing boxes, Unicode digits.
+edge_pieces = st.sampled_from([
+    "<obj>", "</obj>", "<box>", "</box>", "<t>", "</t>", "<think>", "</think>", "<answer>", "</answer>",
+    "<obj>man</obj>", "<obj> a  b </obj>", "<obj> </obj>", "<obj></obj>", "<box>[0.1,0.2,0.3,0.4]</box>",
+    "<box>[0,0,1,1]</box>", "<box>[1,2,640,360]</box>", "<box>[0.1, 0.2, 0.3, 0.4]</box>", "<box>[1e999,0,1,1]</box>",
+    "<box>[.5,+.5,1.,1e-1]</box>", "<box>[1,,2,3]</box>", "<box>[1-,2,3,4]</box>", "<box>[nan,0,1,1]</box>",
+    "<box>(1,2,3,4)</box>", "<box>[1,2,3]</box>", "<box>[-0.0,2e0,3,4]</box>", "<t>12.5</t>", "<t>3</t>", "<t>.5</t>",
+    "<t>12.</t>", "<t>1:02</t>", "<t>2s</t>", "<t>-1</t>", "<t></t>", "<t>١٢</t>", "<t>1e3</t>", "<t>" + "9" * 400 + "</t>",
+    "at", "@", "s", " ", ",", "\n", "B", "man", "[0.1,0.2,0.3,0.4]",
+])
+edge_texts = st.lists(edge_pieces, max_size=30).map("".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(texts=st.lists(edge_texts | st.text(max_size=80), max_size=6), frame=frames)
+def test_fast_path_equals_general_path(texts: list[str], frame: g.BoxFrame) -> None:
+    assert parse_traces(texts, frame) == _parse_general(texts, frame)
+
+
+@settings(max_examples=100, deadline=None)
+@given(claims=claims_strategy, frame=frames)
+def test_rendered_responses_take_the_fast_path(claims: list[Claim], frame: g.BoxFrame) -> None:
+    text = f"<think>So {render_claims(claims, frame)}.</think><answer>B</answer>"
+    assert _scan_clean(text) is not None
+    assert parse_traces([text], frame) == _parse_general([text], frame)
