@@ -34,6 +34,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
@@ -83,19 +84,18 @@ _CLAIM = re.compile(
     r"(?P<boxes>(?:[\s,]*<box>[^<>]*</box>)*)"
     r"(?:[\s,]*(?:(?:at|@)\s*)?(?P<t_tag><t>(?P<t>[^<>]*)</t>))?"
 )
-# The fast path's one pass over a response: a claim (as _CLAIM; `t_tag` tells an absent time from an
-# empty one), a lone `<t>`, or any other tag. Match boundaries are those of _CLAIM and _TIME_TAG, so it
-# finds exactly the claims and times of the general path.
-_FAST = re.compile(rf"{_CLAIM.pattern}|<t>([^<>]*)</t>|<(/?(?:think|answer|obj|box|t))>")
+# The fast path's one pass over the reasoning: a claim (as _CLAIM; `t_tag` tells an absent time from
+# an empty one), a lone `<t>`, or any other tag (no group: a stray tag leaves every group empty). Match
+# boundaries are those of _CLAIM and _TIME_TAG, so it finds exactly the general path's claims and times.
+_FAST = re.compile(rf"{_CLAIM.pattern}|<t>([^<>]*)</t>|</?(?:think|answer|obj|box|t)>")
 _PLAIN_BOX = re.compile(r"<box>\[([-+0-9.eE]+),([-+0-9.eE]+),([-+0-9.eE]+),([-+0-9.eE]+)\]</box>")
-# Section tag orders `_WELL_FORMED_TAGS` accepts once the evidence pairs are left out, with a think.
-_FAST_SECTIONS = frozenset(
-    (("think", "/think"), ("think", "/think", "answer", "/answer"), ("answer", "/answer", "think", "/think"))
-)
+# Times separated by single spaces, each ASCII digits with at most one point: `float` reads these
+# exactly as parse_seconds does.
+_PLAIN_TIMES = re.compile(r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?: (?:[0-9]+\.?[0-9]*|\.[0-9]+))*")
 _BOX_IN = re.compile(r"<box>([^<>]*)</box>")
 _TIME_TAG = re.compile(r"<t>([^<>]*)</t>")
 _EVIDENCE_TAGS = frozenset(("obj", "box", "t"))
-_SECTION_TAGS = frozenset(("think", "/think", "answer", "/answer"))
+_SECTION_TAGS = {tag: (f"<{tag}>", f"</{tag}>") for tag in ("think", "answer")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +131,16 @@ class Claim:
     @classmethod
     def _parsed(cls, name: str, boxes: tuple[Box, ...], t: float | None) -> "Claim":
         """A claim from values the parser has already normalised and checked (skips validation,
-        which would otherwise be a fifth of the parse time)."""
+        which would otherwise be a fifth of the parse time). The slots are set through their
+        descriptors: half the cost of `object.__setattr__`, which looks each one up by name."""
         claim = object.__new__(cls)
-        object.__setattr__(claim, "name", name)
-        object.__setattr__(claim, "boxes", boxes)
-        object.__setattr__(claim, "t", t)
+        _SET_NAME(claim, name)
+        _SET_BOXES(claim, boxes)
+        _SET_T(claim, t)
         return claim
+
+
+_SET_NAME, _SET_BOXES, _SET_T = Claim.name.__set__, Claim.boxes.__set__, Claim.t.__set__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -182,11 +186,12 @@ class Sections(NamedTuple):
 def _section(text: str, tag: str) -> tuple[int, int] | None:
     """(start, end) of the content of the first `<tag>…</tag>`, found with str.find (a lazy regex
     over the whole response costs several times more)."""
-    start = text.find(f"<{tag}>")
+    opening, closing = _SECTION_TAGS[tag]
+    start = text.find(opening)
     if start < 0:
         return None
-    start += len(tag) + 2
-    end = text.find(f"</{tag}>", start)
+    start += len(opening)
+    end = text.find(closing, start)
     return (start, end) if end >= 0 else None
 
 
@@ -383,82 +388,73 @@ def _parse_general(texts: Sequence[Any], frame: BoxFrame) -> list[Trace]:
 
 
 class _Clean(NamedTuple):
-    """A response the fast path read completely: claims as (name, raw boxes in the frame, time)."""
+    """A response the fast path read completely. Boxes are as written in the frame, in order; each
+    claim is (name, number of its boxes, index of its time in `times` or -1)."""
 
-    claims: list[tuple[str, tuple[Box, ...], float | None]]
+    claims: list[tuple[str, int, int]]
+    boxes: list[Box]
     times: list[float]
     sections: Sections
-
-
-def _plain_seconds(text: str) -> float | None:
-    """Seconds written as ASCII digits with at most one point (`12`, `12.5`, `.5`), when finite; else
-    None. On these strings `float` reads what `parse_seconds` reads, without its two regexes."""
-    digits = text.replace(".", "", 1)
-    if digits.isascii() and digits.isdecimal():
-        value = float(text)
-        if value != math.inf:
-            return value
-    return None
 
 
 def _scan_clean(text: str) -> _Clean | None:
     """Read a response in one regex pass, or None when anything in it is not plainly well formed.
 
-    Most responses (our renderer's output, a trained model's) are clean: tags balanced, each
-    claim named and grounded, boxes `[a,b,c,d]`, times plain seconds. For those this finds what the
-    general path finds, with no offsets and no problems to track, in a third of the time. Anything
-    else - a stray or unbalanced tag, an answer without a think, a box or time in another spelling,
-    an empty name, an ungrounded object - returns None and goes to the general path, which names the
-    problem. Whether the boxes lie inside the image is checked later, over the batch.
+    Most responses (our renderer's output, a trained model's) are clean: one think (and at most one
+    answer) or neither, no tag outside them but the claims and times of the reasoning, each claim
+    named and grounded, boxes `[a,b,c,d]`, times plain seconds. For those this finds what the general
+    path finds, with no offsets and no problems to track, in a third of the time. Anything else - a
+    stray or unbalanced tag, a `<` outside the reasoning, an answer without a think, a box or time in
+    another spelling, an empty name, an ungrounded object - returns None and goes to the general path,
+    which names the problem. Whether the boxes lie inside the image is checked later, over the batch.
     """
-    has_think = "<think>" in text
-    if not has_think and "<answer>" in text:
-        return None  # the body is the text minus the answer: left to the general path
-    in_body = not has_think
-    sections: list[str] = []
-    claims: list[tuple[str, tuple[Box, ...], float | None]] = []
-    times: list[float] = []
-    for name, boxes, t_tag, t, lone_t, tag in _FAST.findall(text):
-        if tag:
-            if tag not in _SECTION_TAGS:
-                return None  # an evidence tag outside a claim or a time
-            sections.append(tag)
-            in_body = has_think and tag == "think"
-        elif not in_body:
-            continue
-        elif name:
+    think, answer = _section(text, "think"), _section(text, "answer")
+    if think is None:
+        if answer is not None:
+            return None  # the body is the text minus the answer: left to the general path
+        body = text  # a stray section tag in it is caught by _FAST below
+    else:
+        body = text[think[0] : think[1]]
+        # Outside the reasoning, only the section tags (a `<` in the answer's prose goes the long way),
+        # and an answer that is not around the think (which _FAST cannot see from inside it).
+        if text.count("<") - body.count("<") != (2 if answer is None else 4):
+            return None
+        if answer is not None and not (answer[1] < think[0] or answer[0] > think[1]):
+            return None
+    claims: list[tuple[str, int, int]] = []
+    box_text: list[str] = []
+    time_text: list[str] = []
+    for name, boxes, t_tag, t, lone_t in _FAST.findall(body):
+        if name:
             name = " ".join(name.split())
-            if not name:
+            if not name or not (boxes or t_tag):
                 return None
-            seconds = None
+            claims.append((name, boxes.count("<box>"), len(time_text) if t_tag else -1))
+            box_text.append(boxes)
             if t_tag:
-                seconds = _plain_seconds(t)
-                if seconds is None:
-                    return None
-                times.append(seconds)
-            if boxes:
-                plain = _PLAIN_BOX.findall(boxes)
-                if len(plain) != boxes.count("<box>"):
-                    return None
-                try:
-                    parsed = tuple((float(a), float(b), float(c), float(d)) for a, b, c, d in plain)
-                except ValueError:
-                    return None
-            elif not t_tag:
-                return None
-            else:
-                parsed = ()
-            claims.append((name, parsed, seconds))
+                time_text.append(t)
         elif lone_t:
-            seconds = _plain_seconds(lone_t)
-            if seconds is None:
-                return None
-            times.append(seconds)
+            time_text.append(lone_t)
         else:
-            return None  # `<obj></obj>` or `<t></t>`: a problem to name
-    if (tuple(sections) in _FAST_SECTIONS) if has_think else not sections:
-        return _Clean(claims, times, split_sections(text))
-    return None
+            return None  # a stray tag, `<obj></obj>` or `<t></t>`: a problem to name
+    boxes = "".join(box_text)
+    plain = _PLAIN_BOX.findall(boxes)
+    if len(plain) != boxes.count("<box>"):
+        return None
+    if time_text and not _PLAIN_TIMES.fullmatch(" ".join(time_text)):
+        return None
+    times = list(map(float, time_text))
+    if math.inf in times:
+        return None  # a time too long for a float
+    try:
+        numbers = map(float, chain.from_iterable(plain))
+        parsed = list(zip(numbers, numbers, numbers, numbers))
+    except ValueError:
+        return None  # `[1-,2,3,4]`: characters of numbers that do not make one
+    sections = Sections(
+        text[think[0] : think[1]].strip() if think else None, text[answer[0] : answer[1]].strip() if answer else None
+    )
+    return _Clean(claims, parsed, times, sections)
 
 
 def _is_identity(frame: BoxFrame) -> bool:
@@ -476,7 +472,7 @@ def parse_traces(texts: Iterable[str], frame: BoxFrame = CANONICAL) -> list[Trac
     """
     texts = list(texts)
     clean = [_scan_clean(text) if isinstance(text, str) else None for text in texts]
-    raw = [box for scan in clean if scan is not None for _, boxes, _ in scan.claims for box in boxes]
+    raw = [box for scan in clean if scan is not None for box in scan.boxes]
     identity = _is_identity(frame)
     values: list[Any] = raw
     box_ok: list[bool] | None = None
@@ -485,28 +481,23 @@ def parse_traces(texts: Iterable[str], frame: BoxFrame = CANONICAL) -> list[Trac
         canonical = written if identity else frame.to_canonical(written)
         inside = is_inside(canonical)  # also False for a non-finite box
         if not identity:
-            values = canonical.tolist()
+            values = list(map(tuple, canonical.tolist()))
         if not inside.all():
             box_ok = inside.tolist()
     traces: list[Trace | None] = []
     k = 0
     for scan in clean:
-        if scan is None:
-            traces.append(None)
-            continue
-        claims = []
-        for name, boxes, seconds in scan.claims:
-            n = len(boxes)
-            if box_ok is not None and False in box_ok[k : k + n]:
-                claims = None
-            if claims is not None:
-                converted = boxes if identity else tuple(map(tuple, values[k : k + n]))
-                claims.append(Claim._parsed(name, converted, seconds))
-            k += n
-        if claims is None:
-            traces.append(None)  # a box outside the image: a problem to report
+        if scan is None or (box_ok is not None and False in box_ok[k : k + len(scan.boxes)]):
+            traces.append(None)  # not clean, or a box outside the image: the general path reports it
         else:
-            traces.append(Trace(tuple(claims), (), tuple(scan.times), scan.sections.think, scan.sections.answer))
+            claims, times = [], scan.times
+            for name, n, t in scan.claims:
+                claims.append(Claim._parsed(name, tuple(values[k : k + n]), times[t] if t >= 0 else None))
+                k += n
+            traces.append(Trace(tuple(claims), (), tuple(times), scan.sections.think, scan.sections.answer))
+            continue
+        if scan is not None:
+            k += len(scan.boxes)
     rest = [text for text, trace in zip(texts, traces) if trace is None]
     if rest:
         general = iter(_parse_general(rest, frame))
