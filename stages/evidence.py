@@ -457,9 +457,18 @@ def _scan_clean(text: str) -> _Clean | None:
     return _Clean(claims, parsed, times, sections)
 
 
+def _clean_trace(scan: _Clean, boxes: list[Box]) -> Trace:
+    """The Trace of a clean response, given its boxes in canonical coordinates."""
+    claims, k = [], 0
+    for name, n, t in scan.claims:
+        claims.append(Claim._parsed(name, tuple(boxes[k : k + n]), scan.times[t] if t >= 0 else None))
+        k += n
+    return Trace(tuple(claims), (), tuple(scan.times), scan.sections.think, scan.sections.answer)
+
+
 def _is_identity(frame: BoxFrame) -> bool:
     """True when `frame.to_canonical` returns its input (xyxy over a 1 x 1 image: a division by 1 is
-    exact), so parsed boxes can be used as they are, without a round trip through numpy."""
+    exact), so parsed boxes are used as they are, without converting them and back to lists."""
     return frame.layout == "xyxy" and frame.width == 1.0 and frame.height == 1.0
 
 
@@ -487,17 +496,15 @@ def parse_traces(texts: Iterable[str], frame: BoxFrame = CANONICAL) -> list[Trac
     traces: list[Trace | None] = []
     k = 0
     for scan in clean:
-        if scan is None or (box_ok is not None and False in box_ok[k : k + len(scan.boxes)]):
-            traces.append(None)  # not clean, or a box outside the image: the general path reports it
-        else:
-            claims, times = [], scan.times
-            for name, n, t in scan.claims:
-                claims.append(Claim._parsed(name, tuple(values[k : k + n]), times[t] if t >= 0 else None))
-                k += n
-            traces.append(Trace(tuple(claims), (), tuple(times), scan.sections.think, scan.sections.answer))
+        if scan is None:
+            traces.append(None)
             continue
-        if scan is not None:
-            k += len(scan.boxes)
+        n = len(scan.boxes)
+        if box_ok is not None and False in box_ok[k : k + n]:
+            traces.append(None)  # a box outside the image: the general path reports it
+        else:
+            traces.append(_clean_trace(scan, values[k : k + n]))
+        k += n
     rest = [text for text, trace in zip(texts, traces) if trace is None]
     if rest:
         general = iter(_parse_general(rest, frame))
