@@ -99,6 +99,15 @@ class Backend(ABC):
         return list(self.generate(requests))
 
 
+    def prompt_sha(self, template_sha: str) -> str:
+        """What goes into provenance as `prompt_sha`: the prompt template's hash for backends that
+        read the prompt; a backend that writes from `context` alone returns its own version hash."""
+        return template_sha
+
+    def close(self) -> None:
+        """Release what the backend holds (connections, GPU memory); the default holds nothing."""
+
+
 class PerRequestBackend(Backend):
     """A backend whose requests succeed or fail one by one: it implements `generate_each`, and
     `generate` raises the first failure."""
@@ -114,14 +123,6 @@ class PerRequestBackend(Backend):
     @abstractmethod
     def generate_each(self, requests: Sequence[ChatRequest]) -> list[str | RequestFailed]:
         """One completion, or the request's `RequestFailed`, per request, in order."""
-
-    def prompt_sha(self, template_sha: str) -> str:
-        """What goes into provenance as `prompt_sha`: the prompt template's hash for backends that
-        read the prompt; a backend that writes from `context` alone returns its own version hash."""
-        return template_sha
-
-    def close(self) -> None:
-        """Release what the backend holds (connections, GPU memory); the default holds nothing."""
 
 
 BACKENDS: dict[str, type[Backend]] = {}
