@@ -230,6 +230,14 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+def train_and_finish(trainer: Any, processor: Any, run: Path, cfg: Any) -> dict[str, Any]:
+    """Train (or resume) in `run` to `trainer.max_steps`, then save DIR/final: the one loop SFT and RL share."""
+    resume = announce_resume(run, int(trainer.args.max_steps))
+    restore_weights(trainer, resume, cfg)
+    trainer.train(resume_from_checkpoint=resume)
+    return finish(trainer, processor, run)
+
+
 def finish(trainer, processor, run: Path) -> dict[str, Any]:
     """Save the final model + processor to DIR/final and return the last logged metrics."""
     final = run / "final"

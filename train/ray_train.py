@@ -42,12 +42,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
     kind, cfg, run = config["kind"], config["cfg"], Path(config["run"])
     module, _ = RUNNERS[kind].split(":")
     build = importlib.import_module(module).build_trainer
-    from train.common import announce_resume, finish
+    from train.common import train_and_finish
 
     trainer, processor = build(cfg, run, [RayTrainReportCallback()])
-    trainer = prepare_trainer(trainer)
-    trainer.train(resume_from_checkpoint=announce_resume(run, int(trainer.args.max_steps)))
-    finish(trainer, processor, run)
+    train_and_finish(prepare_trainer(trainer), processor, run, cfg)
 
 
 def _init_ray(cluster: dict[str, Any]) -> None:

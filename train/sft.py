@@ -14,11 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.common import (
     JsonlLogger,
-    announce_resume,
-    restore_weights,
-    finish,
     load_processor,
     model_init_kwargs,
+    train_and_finish,
     training_arguments,
     use_gpu,
 )
@@ -54,7 +52,4 @@ def build_trainer(cfg: DictConfig | dict[str, Any], run: Path, callbacks: list |
 def run_sft(cfg: DictConfig | dict[str, Any], run: Path, callbacks: list | None = None) -> dict[str, Any]:
     """Train (or resume) in `run`; returns the final step, the output folder and the last metrics."""
     trainer, processor = build_trainer(cfg, run, callbacks)
-    resume = announce_resume(run, int(trainer.args.max_steps))
-    restore_weights(trainer, resume, cfg)
-    trainer.train(resume_from_checkpoint=resume)
-    return finish(trainer, processor, run)
+    return train_and_finish(trainer, processor, run, cfg)
