@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from functools import lru_cache
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +24,9 @@ import pyarrow.compute as pc
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageResult, UnitContext, record_error
 from stages import evidence
+from stages.answers import score_record_answer
 from stages.geometry import assign_max, box_iou
-from stages.metrics import temporal_iou
-from stages.schema import ANSWER_KINDS, SCORES, conform
+from stages.schema import SCORES, conform
 
 #: Columns align reads; the rest of a partition (frame JPEGs above all) is never converted to Python.
 INPUT_COLUMNS = ("id", "task", "frames", "options", "answer", "answer_span", "key_frames", "gt",
@@ -152,57 +151,6 @@ def check_time(claim: Mapping[str, Any], key_times: Sequence[float]) -> float | 
     return key_times[0] if len(key_times) == 1 else None
 
 
-# --- answers -------------------------------------------------------------------------------------------
-
-
-def _option_score(record: Mapping[str, Any], predicted: str) -> float | None:
-    truth = evidence.parse_option_letter(record.get("answer") or "")
-    if truth is None:
-        return None
-    num_options = len(record.get("options") or ()) or None
-    return float(evidence.parse_option_letter(predicted, num_options) == truth)
-
-
-def _span_score(record: Mapping[str, Any], predicted: str) -> float | None:
-    truth = record.get("answer_span") or evidence.parse_time_span(record.get("answer") or "")
-    if truth is None:
-        return None
-    span = evidence.parse_time_span(predicted)
-    return float(temporal_iou(tuple(truth), span)) if span is not None else 0.0
-
-
-def _box_score(record: Mapping[str, Any], predicted: str) -> float | None:
-    truth = evidence.parse_box_answer(record.get("answer") or "")
-    if truth is None:
-        return _text_score(record, predicted)
-    box = evidence.parse_box_answer(predicted)
-    return float(box_iou([truth], [box])[0, 0]) if box is not None else 0.0
-
-
-@lru_cache(maxsize=1)
-def _rouge() -> Any:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-
-
-def _text_score(record: Mapping[str, Any], predicted: str) -> float | None:
-    truth = record.get("answer")
-    if not truth:
-        return None
-    return float(_rouge().score(truth, predicted)["rougeL"].fmeasure)
-
-
-ANSWER_SCORERS: dict[str, Callable[[Mapping[str, Any], str], float | None]] = {
-    "option": _option_score,   # 1 if the same option letter, else 0
-    "span": _span_score,       # temporal IoU of the spans (V-STaR's definition)
-    "box": _box_score,         # IoU of the answer boxes
-    "text": _text_score,       # ROUGE-L F1
-}
-"""Answer agreement per answer kind (see `stages.annotate.ANSWER_KINDS`), each in [0, 1]; None when
-the record has no ground-truth answer of that kind to compare with."""
-
-
 # --- one record ----------------------------------------------------------------------------------------
 
 
@@ -268,9 +216,8 @@ def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, nam
 
     ious = [r["iou"] for r in rows if r["iou"] is not None]
     answer_pred = trace.answer if response is not None else None
-    scorer = ANSWER_SCORERS.get(ANSWER_KINDS.get(task, "text"), _text_score)
     # a response with no answer at all scores 0 wherever there is a ground truth to miss
-    answer_score = scorer(record, answer_pred or "") if response is not None else None
+    answer_score = score_record_answer(answer_pred or "", record) if response is not None else None
     return {
         "format_ok": not problems,
         "num_claims": len(trace.claims),

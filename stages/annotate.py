@@ -44,7 +44,8 @@ from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed, 
 from stages.backends.template import write_question
 from stages.geometry import CANONICAL
 from stages.response_cache import ResponseCache
-from stages.schema import ANSWER_KINDS, TASKS, to_table
+from stages.answers import KINDS, record_answer_kind
+from stages.schema import TASKS, to_table
 
 PROMPT_PARTS = ("system", "format", "common", "tasks", "answer_hints")
 
@@ -70,12 +71,16 @@ class PromptSet:
         absent = [t for t in TASKS if t not in tasks]
         if absent:
             raise ValueError(f"{where}.tasks: no template for task(s) {', '.join(absent)}")
-        hints = spec["answer_hints"]
-        absent_hints = sorted(set(ANSWER_KINDS.values()) - set(hints))
+        hints = dict(spec["answer_hints"])
+        if "option" in hints and "span" in hints:
+            # prompt sets written before the letter-plus-span kind existed compose it from its parts
+            hints.setdefault("option_span", f"{hints['option']}, then on the next line {hints['span']}")
+        absent_hints = sorted(set(KINDS) - set(hints))
         if absent_hints:
             raise ValueError(f"{where}.answer_hints: no hint for answer kind(s) {', '.join(absent_hints)}")
         self.version = str(spec.get("version", "unversioned"))
         self.spec = dict(spec)
+        self.answer_hints = hints
         env = Environment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
         env.filters["box"] = lambda box: CANONICAL.format_box(box).replace(",", ", ")
         env.filters["sec"] = lambda seconds: f"{float(seconds):.2f}"
@@ -114,7 +119,7 @@ class PromptSet:
     def render(self, task: str, context: Mapping[str, Any]) -> tuple[str, str]:
         """(system text, user prompt) for one record's context."""
         variables = dict(context)
-        variables["answer_hint"] = self.spec["answer_hints"][ANSWER_KINDS[task]]
+        variables["answer_hint"] = self.answer_hints[context["answer_kind"]]
         variables["response_format"] = self.templates["format"].render(**variables)
         system = self.templates["system"].render(**variables).strip()
         body = self.templates["common"].render(**variables).strip()
@@ -248,8 +253,8 @@ def _target_span(record: Mapping[str, Any], spans: Sequence[Mapping[str, Any]],
 def record_context(record: Mapping[str, Any], max_evidence: int = 8) -> dict[str, Any]:
     """The facts of one record a prompt (and the template backend) may use, in canonical units."""
     task = record.get("task")
-    if task not in ANSWER_KINDS:
-        raise ValueError(f"record {record.get('id')}: field 'task' is {task!r}; expected one of {list(ANSWER_KINDS)}")
+    if task not in TASKS:
+        raise ValueError(f"record {record.get('id')}: field 'task' is {task!r}; expected one of {list(TASKS)}")
     media = record.get("media") or {}
     clip = record.get("clip") or {}
     frames = sorted(record.get("frames") or [], key=lambda f: (f["t_s"], f.get("index") or 0))
@@ -271,11 +276,12 @@ def record_context(record: Mapping[str, Any], max_evidence: int = 8) -> dict[str
     duration = media.get("duration_s")
     start = clip.get("start_s") if clip.get("start_s") is not None else (float(times[0]) if len(times) else 0.0)
     end = clip.get("end_s") if clip.get("end_s") is not None else (float(times[-1]) if len(times) else 0.0)
+    kind = record_answer_kind(record)
     return {
         "id": record.get("id"),
         "task": task,
-        "answer_kind": ANSWER_KINDS[task],
-        "multiple_choice": ANSWER_KINDS[task] == "option",
+        "answer_kind": kind,
+        "multiple_choice": kind in ("option", "option_span"),
         "duration_s": float(duration) if duration is not None else float(end),
         "clip_start_s": float(start),
         "clip_end_s": float(end),
@@ -287,7 +293,7 @@ def record_context(record: Mapping[str, Any], max_evidence: int = 8) -> dict[str
         "question": record.get("question"),
         "options": list(record.get("options") or []),
         "answer": record.get("answer"),
-        "answer_span": _target_span(record, spans, objects) if ANSWER_KINDS[task] == "span" else None,
+        "answer_span": _target_span(record, spans, objects) if kind in ("span", "option_span") else None,
         "objects": objects,
         "spans": spans,
         "evidence": evidence,

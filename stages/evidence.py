@@ -586,7 +586,7 @@ def parse_option_letter(text: str, num_options: int | None = None) -> str | None
 
 _TIME_VALUE = r"(\d+(?::\d{1,2}){1,2}(?:\.\d*)?|[-+]?(?:\d+\.?\d*|\.\d+))"
 _UNIT = r"\s*(?:s|secs?|seconds?)?"
-_SPAN_PATTERNS = (
+SPAN_PATTERNS = (
     re.compile(rf"<t>([^<>]*)</t>{_UNIT}\s*(?:to|-|–|~|and|until)\s*<t>([^<>]*)</t>"),
     re.compile(rf"[\[(]\s*{_TIME_VALUE}{_UNIT}\s*[,;]\s*{_TIME_VALUE}{_UNIT}\s*[\])]"),
     re.compile(rf"{_TIME_VALUE}{_UNIT}\s*(?:to|-|–|~|until)\s*{_TIME_VALUE}"),
@@ -602,7 +602,7 @@ def parse_time_span(text: str) -> tuple[float, float] | None:
     decide what a reversed span is worth.
     """
     body = answer_text(text)
-    for pattern in _SPAN_PATTERNS:
+    for pattern in SPAN_PATTERNS:
         for m in pattern.finditer(body):
             start, end = parse_seconds(m.group(1)), parse_seconds(m.group(2))
             if start is not None and end is not None and math.isfinite(start) and math.isfinite(end):
@@ -611,7 +611,7 @@ def parse_time_span(text: str) -> tuple[float, float] | None:
 
 
 _BARE_BOX = re.compile(rf"([\[(]\s*{_NUM}(?:{_SEP}{_NUM}){{3}}\s*[\])])")
-_BOX_ANSWER = (_BOX_IN, _BARE_BOX)
+BOX_ANSWER_PATTERNS = (_BOX_IN, _BARE_BOX)
 
 
 def parse_box_answer(text: str, frame: BoxFrame = CANONICAL) -> Box | None:
@@ -621,7 +621,7 @@ def parse_box_answer(text: str, frame: BoxFrame = CANONICAL) -> Box | None:
     else the first bracketed list of exactly 4 numbers. Out-of-range boxes are returned as they are.
     """
     body = answer_text(text)
-    for pattern in _BOX_ANSWER:
+    for pattern in BOX_ANSWER_PATTERNS:
         for m in pattern.finditer(body):
             inner = _BOX4.fullmatch(m.group(1))
             if inner:

@@ -231,8 +231,8 @@ class AnswerAgrees(Rule):
     """Thresholds per task (a mapping with an optional `default`), or one number for all tasks."""
 
     name = "answer_agrees"
-    description = "the response's answer agrees with the ground truth (letter, span tIoU, box IoU or ROUGE-L)"
-    threshold = {"temporal_mcq": 1.0, "general_mcq": 1.0, "default": 0.5}
+    description = "the response's answer agrees with the ground truth (stages.answers: letter, letter+span, span tIoU, box IoU or ROUGE)"
+    threshold = {"temporal_mcq": 0.75, "general_mcq": 1.0, "default": 0.5}
 
     def threshold_for(self, task: str) -> float:
         value = self.threshold_value

@@ -28,7 +28,7 @@ def test_snap_picks_the_nearest_sampled_frame():
 def test_exact_claims_score_one_and_times_snap():
     think = (f"The <obj>red circle</obj><box>{_box(circle_box(2.0))}</box>at<t>2.1</t>s moves right while "
              f"the <obj>blue square</obj><box>{_box(SQUARE_BOX)}</box> at <t>2</t>s stays.")
-    rec = make_record(task="spatio_temporal", answer_span=[0.0, 5.0], response=_response(think, "[0.0, 5.9]"))
+    rec = make_record(task="spatio_temporal", answer=None, answer_span=[0.0, 5.0], response=_response(think, "[0.0, 5.9]"))
     s = align_record(rec)
     assert s["format_ok"] and s["problems"] == []
     assert s["num_claims"] == 2 and s["num_matched"] == 2

@@ -55,7 +55,7 @@ def test_each_rule_rejects_what_it_names(tmp_path):
     assert "7.25 s" in by_id[cases["time_in_clip"]["id"]].reason and "[0, 5.5]" in by_id[cases["time_in_clip"]["id"]].reason
     claim = by_id[cases["claim_iou"]["id"]]
     assert claim.value == 0.31 and claim.threshold == 0.5 and "IoU 0.310 < 0.5" in claim.reason and "at 2 s" in claim.reason
-    assert by_id[cases["answer_agrees"]["id"]].threshold == 1.0  # per-task threshold for MCQ
+    assert by_id[cases["answer_agrees"]["id"]].threshold == 0.75  # per-task threshold for temporal MCQ
     assert by_id[cases["box_too_large"]["id"]].value == 0.9
     assert all(r.record == cases_source(cases, r.id) for r in result.rejections)
 
@@ -122,9 +122,9 @@ def test_align_then_filter_on_real_traces(tmp_path):
         return "[" + ",".join(f"{v:.3f}" for v in b) + "]"
     good = f"<think><obj>red circle</obj><box>{box(circle_box(1.0))}</box>at<t>1</t>s</think><answer>[0, 5]</answer>"
     wrong = f"<think><obj>red circle</obj><box>{box(circle_box(4.0))}</box>at<t>1</t>s</think><answer>[0, 5]</answer>"
-    records = [make_record(0, answer_span=[0.0, 5.0], response=good),
-               make_record(1, answer_span=[0.0, 5.0], response=wrong),
-               make_record(2, answer_span=[0.0, 5.0], response="I cannot see the video.")]
+    records = [make_record(0, answer=None, answer_span=[0.0, 5.0], response=good),
+               make_record(1, answer=None, answer_span=[0.0, 5.0], response=wrong),
+               make_record(2, answer=None, answer_span=[0.0, 5.0], response="I cannot see the video.")]
     aligned = Align({}).process(to_table(records), unit_context(tmp_path, stage="align")).table
     result = Filter(yaml.safe_load(CONF.read_text())).process(aligned, unit_context(tmp_path, stage="filter"))
     assert result.table.column("id").to_pylist() == [records[0]["id"]]
