@@ -134,8 +134,31 @@ class Entry(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
+def _has_boxes(columns: Mapping[str, Any]) -> bool:
+    key_frames = columns.get("key_frames") or []
+    objects = (columns.get("gt") or {}).get("objects") or []
+    return any(o.get("box") for kf in key_frames for o in kf.get("objects") or []) or \
+        any(p.get("box") for o in objects for p in o.get("track") or [])
+
+
+def _has_span(columns: Mapping[str, Any]) -> bool:
+    return bool(columns.get("answer_span")) or bool((columns.get("gt") or {}).get("spans"))
+
+
+def supported_task(task: str, columns: Mapping[str, Any]) -> str:
+    """The task a record's ground truth can support: a spatio-temporal record without a single box
+    is a temporal-grounding record when it has a span (VidSTG without trajectory files), and a
+    general question otherwise; a spatial record without boxes is a general question. Without this a
+    record would be annotated for evidence nobody can check, and rejected by every box rule."""
+    if task in ("spatio_temporal", "spatial") and not _has_boxes(columns):
+        return "temporal" if task == "spatio_temporal" and _has_span(columns) else "general_free"
+    return task
+
+
 def make_record(*, source: str, source_id: str, task: str, variant: str | int = 0, **columns: Any) -> dict[str, Any]:
-    """A seed record with its stable id; columns not given stay null."""
+    """A seed record with its stable id; columns not given stay null. The task is the one its ground
+    truth supports (`supported_task`), so every adapter follows the same rule."""
+    task = supported_task(task, columns)
     return {"id": record_id(source, source_id, task, variant), "source": source, "source_id": source_id,
             "task": task, **columns}
 

@@ -9,8 +9,11 @@ Units: frame indices at the native `fps`, `end_fid` exclusive. Conversion: `t = 
 `temporal_gt` frames [104, 389) at 29.97 fps become the span [3.470, 12.980] s; `used_segment`
 becomes the record's `clip` bound (the part of the video the sentence is about).
 
-Records: one `spatio_temporal` record per caption and per question of an entry. A question's answer
-is the caption that describes the same target (`target_id`) where the entry has one.
+Records: one record per caption and per question of an entry. With the target's boxes (see below)
+it is `spatio_temporal`: a caption asks when and where (answer: the span), a question is answered by
+the caption that describes the same target (`target_id`) where the entry has one. Without boxes the
+file carries temporal ground truth only, so the record is `temporal` (answer: `answer_span`), which
+the default filter can check; a spatio-temporal record without boxes could never pass it.
 Boxes: VidSTG keeps them in VidOR trajectory files, not in this file. Set `trajectories_dir` to a
 folder of VidOR per-video JSON files (`<vid>.json`, anywhere below it: `{"trajectories": [[{"tid",
 "bbox": {"xmin", "ymin", "xmax", "ymax"}}, ...] per frame]}` in pixels) to get the target's track and
@@ -107,12 +110,7 @@ class VidSTGAdapter(Adapter):
                                   f"{sorted(categories)}", f"{'captions' if kind == 'declarative' else 'questions'}.{index}.target_id")
             name = categories[sentence.target_id]
             track, key_frames = self._track(e, sentence.target_id, name)
-            if kind == "declarative":
-                question = f'When and where does this happen: "{sentence.description}"?'
-                answer = None
-            else:
-                question = sentence.description
-                answer = describe.get(sentence.target_id)
+            question, answer = _question(kind, sentence.description, describe.get(sentence.target_id), bool(track))
             records.append(make_record(
                 source="vidstg", source_id=f"{e.vid}#{position}", task="spatio_temporal", variant=f"{kind}{index}",
                 media=declared, clip=clip, question=question, answer=answer, answer_span=span, key_frames=key_frames,
@@ -126,7 +124,8 @@ class VidSTGAdapter(Adapter):
         return records
 
     def _track(self, e: VidSTGEntry, tid: int, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The target's boxes inside `temporal_gt` from its VidOR trajectory file, and 3 key frames."""
+        """The target's boxes inside `temporal_gt` from its VidOR trajectory file, and
+        `key_frames_per_track` key frames spread evenly over them (first and last included)."""
         folder = self.config.get("trajectories_dir")
         if not folder:
             return [], []
@@ -141,7 +140,8 @@ class VidSTGAdapter(Adapter):
         pixels = np.array([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for _, b in picked], dtype=np.float64)
         boxes = pixels_to_normalised(pixels, e.width, e.height).round(6).tolist()
         track = [{"t_s": round(fid / e.fps, 6), "box": box} for (fid, _), box in zip(picked, boxes)]
-        keys = sorted({0, len(track) // 2, len(track) - 1})
+        count = int(self.config.get("key_frames_per_track", 3))
+        keys = sorted(set(np.linspace(0, len(track) - 1, max(1, count)).round().astype(int).tolist()))
         return track, [{"t_s": track[k]["t_s"], "objects": [{"name": name, "box": track[k]["box"]}]} for k in keys]
 
 
@@ -149,3 +149,16 @@ class VidSTGAdapter(Adapter):
 def _trajectory_index(folder: str) -> dict[str, str]:
     return {p.stem: str(p) for p in sorted(Path(folder).rglob("*.json"))} if os.path.isdir(folder) else {}
 
+
+def _question(kind: str, sentence: str, caption: str | None, has_boxes: bool) -> tuple[str, str | None]:
+    """(question, answer) of one sentence. With boxes the record is spatio-temporal: a declarative
+    sentence asks when and where (the answer is the span), a question is answered by the caption of
+    the same target. Without boxes only the time is known, so both ask when (answer: the span,
+    filled from `answer_span` by annotate)."""
+    if not has_boxes:
+        if kind == "declarative":
+            return f'When does this happen: "{sentence}"?', None
+        return f'{sentence} When does this happen in the video?', None
+    if kind == "declarative":
+        return f'When and where does this happen: "{sentence}"?', None
+    return sentence, caption
