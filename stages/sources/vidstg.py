@@ -151,14 +151,12 @@ def _trajectory_index(folder: str) -> dict[str, str]:
 
 
 def _question(kind: str, sentence: str, caption: str | None, has_boxes: bool) -> tuple[str, str | None]:
-    """(question, answer) of one sentence. With boxes the record is spatio-temporal: a declarative
-    sentence asks when and where (the answer is the span), a question is answered by the caption of
-    the same target. Without boxes only the time is known, so both ask when (answer: the span,
-    filled from `answer_span` by annotate)."""
-    if not has_boxes:
-        if kind == "declarative":
-            return f'When does this happen: "{sentence}"?', None
-        return f'{sentence} When does this happen in the video?', None
+    """(question, answer) of one sentence; an answer of None is the span (filled from `answer_span`
+    by annotate). A declarative sentence asks when (and, with boxes, where) it happens. A question is
+    answered by the caption of the same target when the record is spatio-temporal and the entry has
+    one (the trace grounds the target); otherwise it asks when the questioned event happens."""
     if kind == "declarative":
-        return f'When and where does this happen: "{sentence}"?', None
-    return sentence, caption
+        return f'When {"and where " if has_boxes else ""}does this happen: "{sentence}"?', None
+    if has_boxes and caption:
+        return sentence, caption
+    return f"{sentence} When does this happen in the video?", None
