@@ -33,7 +33,9 @@ from stages.schema import ANSWER_KINDS
 KINDS = ("option_span", "option", "span", "box", "text")
 
 # what may remain of an answer around a span or a box for the answer to be "only" that
-_FILLER = re.compile(r"(?i)\b(?:s|secs?|seconds?|to|and|from|until|between|start|end|the|span|is|box)\b|</?t>|[^A-Za-z0-9]")
+# (a released box answer names its object: `<obj>dog</obj><box>[…]</box>`)
+_FILLER = re.compile(r"(?i)<obj>[^<>]*</obj>|\b(?:s|secs?|seconds?|to|and|from|until|between|start|end|the|span|is|box)\b"
+                     r"|</?t>|[^A-Za-z0-9]")
 
 
 def _only(body: str, pattern_hit: str | None) -> bool:

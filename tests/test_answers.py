@@ -25,6 +25,7 @@ CAPTION = "an adult wearing a black hat uses a camera."
     ("general_mcq", "(C)", ["A", "B", "C"], None, "option"),
     ("spatial", "[0.1, 0.2, 0.3, 0.4]", None, None, "box"),
     ("spatial", "<box>[0.1,0.2,0.3,0.4]</box>", None, None, "box"),
+    ("spatial", "<obj>dog</obj><box>[0.1,0.2,0.3,0.4]</box>", None, None, "box"),  # the released visual QA
     # numbers inside a sentence do not make a span
     ("general_free", "There are 3 to 5 people at the table.", None, None, "text"),
     ("general_free", None, None, None, "text"),

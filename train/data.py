@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from stages import evidence, geometry
 from stages.chat_layout import frames_content
-from stages.schema import ANSWER_KINDS, TASKS
+from stages.answers import record_answer_kind
+from stages.schema import TASKS
 from stages.targets import frame_from_dict, frame_to_dict, reward_target  # noqa: F401 - frame_*: for train.eval
 
 log = logging.getLogger("stgr.train.data")
@@ -230,16 +231,14 @@ def render_target(record: Mapping[str, Any], frame: geometry.BoxFrame) -> str:
     `evidence.reframe_text` rewrites every box, in any spelling the grammar accepts, and keeps the
     prose verbatim. The result is parsed back in `frame` and must give the record's claims and answer
     box (within the frame's rounding); if it does not (a box that cannot be written in `frame`, such
-    as one that overflows it), RenderError rather than train on boxes in two frames at once. A box
-    answer (`stages.schema.ANSWER_KINDS`) must hold a box.
+    as one that overflows it), RenderError rather than train on boxes in two frames at once. Whether
+    the answer is a box is read from the answer itself (`stages.answers.record_answer_kind`).
     """
     reasoning, answer = str(record.get("reasoning") or "").strip(), str(record["answer"]).strip()
     canonical = f"<think>{reasoning}</think><answer>{answer}</answer>"
     where = f"{record.get('_file')}: record {record['id']!r}"
-    box_answer = ANSWER_KINDS.get(record.get("task")) == "box" and not record.get("options")
+    box_answer = record_answer_kind(record) == "box"
     answer_box = evidence.parse_box_answer(canonical) if box_answer else None
-    if box_answer and answer_box is None:
-        raise RenderError(f"{where}: field 'answer' holds no box: {record['answer']!r}")
     if frame == geometry.CANONICAL:
         return canonical
     target = evidence.reframe_text(canonical, geometry.CANONICAL, frame)
