@@ -112,7 +112,7 @@ def build_run(run, n: int = 12) -> dict[str, Any]:
 
     responses = [grounded_response(1.0 + (i % 4), shift=0.4 if i % 3 == 0 else 0.0) for i in range(n)]
     # as annotate leaves them: the raw response, and its <think> part as the reasoning
-    records = [make_record(i, with_jpeg=True, task="spatio_temporal", answer_span=[0.0, 5.0],
+    records = [make_record(i, with_jpeg=True, task="spatio_temporal", answer="[0.0, 5.0]", answer_span=[0.0, 5.0],
                            response=response, reasoning=split_sections(response).think)
                for i, response in enumerate(responses)]
     nodes = {"align": [], "filter": ["align"], "shard": ["filter"]}

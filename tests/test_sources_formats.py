@@ -93,6 +93,9 @@ def test_stgr_json_tasks_answers_and_boxes(tmp_path: Path) -> None:
          "video_path": "videor1/c.mp4"},
         {"task": "visual QA", "question": "Where is the cat?", "answer": "<box>[1,2,3,4]</box>", "image_path": "x.jpg"},
         {"task": "temporal QA", "question": "When?", "answer": "soon", "video_path": "tvg/e.mp4"},
+        {"task": "temporal-spatial free-form QA", "question": "What?", "answer": "A dog.", "video_path": "str/f.mp4",
+         "key_frames": [{"idx": 0, "time": 1.0, "path": "f/0.jpg"}], "key_items": {"0": {"dog": [[120, 40, 300, 200]]}}},
+        {"task": "General video QA MCQ", "question": "Which one?", "answer": "A", "video_path": "videor1/g.mp4"},
     ]
     path = tmp_path / "STGR-SFT.json"
     path.write_text(json.dumps(entries))
@@ -104,12 +107,54 @@ def test_stgr_json_tasks_answers_and_boxes(tmp_path: Path) -> None:
                                 {"t_s": 4.0, "objects": [{"name": "cup", "box": [0.2, 0.2, 0.4, 0.4]},
                                                           {"name": "man", "box": [0.5, 0.1, 0.9, 1.0]}]}]
     assert [o["name"] for o in st["gt"]["objects"]] == ["cup", "man"] and st["reasoning"].startswith("The <obj>cup")
-    assert tg["answer_span"] == [3.2, 5.0]
-    assert mcq["answer"] == "B" and mcq["answer_span"] == [3.2, 5.0]
+    assert st["answer"] == "A cup." and st["answer_span"] is None and json.loads(st["meta"])["source"] == "STR_plm_rdcap"
+    assert tg["answer"] == "[3.2, 5.0]" and tg["answer_span"] == [3.2, 5.0]
+    # the released answer kept whole: the letter and the span are both ground truth (both are scored)
+    assert mcq["answer"] == "B\n[3.2, 5.0]" and mcq["answer_span"] == [3.2, 5.0]
     assert mcq["options"] == ["A. 0-2 s", "B. 3-5 s", "C. 6-8 s"] and mcq["question"] == "When does the dog jump?"
     assert general["options"] == ["A. red", "B. blue"] and general["answer"] == "A"
-    assert [(r.rule, r.record) for r in rejected] == [("unsupported_task", "entry 4"), ("malformed_record", "entry 5 (tvg/e.mp4)")]
-    assert "'visual QA'" in rejected[0].reason and "field 'answer'" in rejected[1].reason
+    assert [(r.rule, r.record) for r in rejected] == [
+        ("unsupported_task", "entry 4"), ("malformed_record", "entry 5 (tvg/e.mp4)"),
+        ("malformed_record", "entry 6 (str/f.mp4)"), ("malformed_record", "entry 7 (videor1/g.mp4)")]
+    assert "'visual QA' is an image task" in rejected[0].reason and "field 'answer'" in rejected[1].reason
+    assert "field 'key_items.0'" in rejected[2].reason and "normalised to [0, 1]" in rejected[2].reason
+    assert "field 'question'" in rejected[3].reason and "option lines" in rejected[3].reason
+
+
+def test_stgr_json_nulls_and_the_task_the_ground_truth_supports(tmp_path: Path) -> None:
+    """`null` key_frames/key_items (and nulls inside them) as `datasets.Dataset.from_json` fills missing
+    keys, which the released RL trainer deletes again; a released task name gives the STGR task its
+    ground truth supports."""
+    entries = [
+        {"task": "temporal QA", "question": "When does the dog jump?", "answer": "[3.2, 5.0]", "video_path": "d.mp4",
+         "key_frames": None, "key_items": None, "reasoning_process": None},
+        {"task": "temporal-spatial free-form QA", "question": "What does the man hold?", "answer": "A cup.",
+         "video_path": "a.mp4", "key_frames": [{"idx": 0, "time": 1.0, "path": "a/0.jpg"}, None,
+                                               {"idx": 1, "time": 2.0, "path": None}],
+         "key_items": {"0": {"cup": [[0.1, 0.2, 0.3, 0.4], None], "man": None}, "1": None, "2": None}},
+        {"task": "temporal-spatial free-form QA", "question": "What does the man hold?", "answer": "A cup.",
+         "video_path": "b.mp4", "key_frames": None, "key_items": None},
+        {"task": "temporal-spatial free-form QA", "question": "When does the man hold the cup?", "answer": "[1.0, 2.5]",
+         "video_path": "c.mp4", "key_frames": [{"idx": 0, "time": 1.0}], "key_items": {"0": None}},
+        {"task": "temporal QA (MCQ)", "question": "When does it jump?\nA. early\nB. late", "answer": "B",
+         "video_path": "e.mp4", "key_frames": None, "key_items": None},
+        {"task": "General video QA Free-form", "question": "What happens?", "answer": "It jumps.", "video_path": "f.mp4",
+         "key_frames": None, "key_items": None},
+    ]
+    path = tmp_path / "STGR-RL.json"
+    path.write_text(json.dumps(entries))
+    rows, rejected = run("stgr_json", path, tmp_path)
+    assert rejected == []
+    temporal, grounded, ungrounded, span_answer, letter_only, free = rows
+    assert temporal["task"] == "temporal" and temporal["key_frames"] == [] and temporal["answer_span"] == [3.2, 5.0]
+    # the key frame without boxes stays: its time is ground truth for the temporal reward
+    assert grounded["task"] == "spatio_temporal"
+    assert grounded["key_frames"] == [{"t_s": 1.0, "objects": [{"name": "cup", "box": [0.1, 0.2, 0.3, 0.4]}]},
+                                      {"t_s": 2.0, "objects": []}]
+    assert ungrounded["task"] == "general_free" and ungrounded["answer"] == "A cup."
+    assert span_answer["task"] == "temporal" and span_answer["answer_span"] == [1.0, 2.5]
+    assert letter_only["task"] == "general_mcq" and letter_only["answer"] == "B"
+    assert free["task"] == "general_free"
 
 
 def test_jsonl_generic(tmp_path: Path) -> None:

@@ -2,11 +2,14 @@
 
 - `open-o3`: the JSON of the released Open-o3 Video STGR sets (`STGR-SFT.json` for the sft split,
   `STGR-RL.json` for rl, `STGR.json` for records without a split) in the folder OUT, with every key
-  frame written as a JPEG under `OUT/kfs/<id>/<k>.jpg`. Each entry: `id`, `task` (upstream task
-  names, see OPEN_O3_TASKS), `source`, `video_path`, `question` (options appended as `A. ...` lines),
-  `answer`, `reasoning_process` (the trace without `<think>` tags), `key_frames [{idx, time, path}]`
-  (path relative to `kfs/`) and `key_items {idx: {name: [[x1, y1, x2, y2], ...]}}` in normalised
-  coordinates, as upstream's Gemini-annotated sets.
+  frame written as a JPEG under `OUT/kfs/<id>/<k>.jpg`, trainable by the released SFT and RL scripts.
+  Each entry: `id`, `task` (upstream task names, see OPEN_O3_TASKS), `source` (the name that routes
+  the entry to the right branch of the released trainers, see OPEN_O3_SOURCES), `video_path`,
+  `question` (options appended as `A. ...` lines), `answer` (as upstream writes it, see
+  `open_o3_answer`), `reasoning_process` (the trace without `<think>` tags), `key_frames [{idx, time,
+  path}]` (sorted by time, path relative to `kfs/`), `key_items {idx: {name: [[x1, y1, x2, y2], ...]}}`
+  in normalised coordinates, as upstream's Gemini-annotated sets, and `stgr {source, task, answer,
+  answer_span}`: the record's own ground truth, which the `stgr_json` adapter reads back.
 - `verl`: one Parquet file OUT in verl's RL layout: `data_source`, `prompt` (chat messages whose user
   turn interleaves `Frame k at t s: <image>` with the question, in `stages.chat_layout`'s layout),
   `images` ([{bytes}], one per `<image>`), `ability` (the task), `reward_model {style: rule,
@@ -30,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from stages import evidence
 from stages.annotate import FrameReader
 from stages.backends import LabelledImage
 from stages.chat_layout import frames_text
@@ -46,6 +50,21 @@ OPEN_O3_TASKS: dict[str, str] = {
     "general_free": "General video QA Free-form",
 }
 """Our task -> the `task` string of the released STGR json."""
+
+OPEN_O3_SOURCES: dict[str, str] = {
+    "temporal-spatial free-form QA": "STR_stgr",
+    "temporal QA": "TVG_stgr",
+    "temporal QA (MCQ)": "TVG_stgr",
+    "General video QA MCQ": "videor1_stgr",
+    "General video QA Free-form": "videor1_stgr",
+}
+"""Upstream task -> the `source` written. The released RL trainer (`src/r1-v/src/open_r1/trainer/
+grpo_trainer.py`, `compute_loss`) picks a video root by source and raises on any source that is not
+`videoespresso_train_video`, `timerft` or `gqa` and contains none of `STR`, `TVG`, `videor1`; for the
+spatio-temporal task it also reads key frames from the STR root (the STR_plm root for sources with
+`STR_plm`). These names take the branch whose roots the released SFT script (`sft_multi_task.py`)
+uses for the same task: STR (stgr/temporal_grounding videos and kfs), TVG (tvg_r1), videor1. An
+absolute `video_path` is used as it is by both (`os.path.join` drops the root)."""
 
 OPEN_O3_FILES = {"sft": "STGR-SFT.json", "rl": "STGR-RL.json", None: "STGR.json"}
 
@@ -92,13 +111,40 @@ def question_text(record: Mapping[str, Any]) -> str:
     return question + "\n" + "\n".join(lines)
 
 
-def open_o3_answer(record: Mapping[str, Any]) -> str:
-    """The answer as upstream writes it: `temporal QA (MCQ)` answers carry the letter, a newline and
-    the span (`"B\\n[3.2, 5.6]"`); every other answer is written as it is."""
-    answer = record.get("answer") or ""
+def _seconds(value: float) -> str:
+    return f"{round(float(value), 3):.15g}"
+
+
+def _span_of(record: Mapping[str, Any], text: str) -> tuple[float, float]:
     span = record.get("answer_span")
-    if record.get("task") == "temporal_mcq" and span is not None:
-        return f"{answer}\n[{span[0]:g}, {span[1]:g}]"
+    span = span if span is not None else evidence.parse_time_span(text)
+    if span is None:
+        raise InputError(f"record {record.get('id')}: task {record.get('task')!r} needs a time span: field "
+                         f"'answer_span' is empty and field 'answer' ({text!r}) holds none")
+    return float(span[0]), float(span[1])
+
+
+def open_o3_answer(record: Mapping[str, Any]) -> str:
+    """The answer as the released trainers read it: `temporal QA` a span `"[s, e]"` (they
+    `ast.literal_eval` it), `temporal QA (MCQ)` the letter, a newline and the span (`"B\\n[3.2, 5.6]"`),
+    `General video QA MCQ` the bare letter (their accuracy compares it with the completion's letter);
+    every other answer as it is. Raises InputError naming the record when the record lacks the span
+    or letter its task needs."""
+    answer = (record.get("answer") or "").strip()
+    task = record.get("task")
+    if task == "temporal":
+        s, e = _span_of(record, answer)
+        return f"[{_seconds(s)}, {_seconds(e)}]"
+    if task in ("temporal_mcq", "general_mcq"):
+        num_options = len(record.get("options") or []) or None
+        letter = evidence.parse_option_letter(answer.split("\n", 1)[0], num_options)
+        if letter is None:
+            raise InputError(f"record {record.get('id')}: field 'answer' ({answer!r}) holds no option letter "
+                             f"of its {num_options or 0} options")
+        if task == "general_mcq":
+            return letter
+        s, e = _span_of(record, answer)
+        return f"{letter}\n[{_seconds(s)}, {_seconds(e)}]"
     return answer
 
 
@@ -116,9 +162,10 @@ def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) 
     task = record.get("task")
     if task not in OPEN_O3_TASKS:
         raise InputError(f"record {record.get('id')}: field 'task' is {task!r}; known: {sorted(OPEN_O3_TASKS)}")
+    answer = open_o3_answer(record)  # before any file is written: it names a record it cannot export
     key_frames, key_items = [], {}
     images = _timed_images(record, reader) if record.get("key_frames") else []
-    for k, key_frame in enumerate(record.get("key_frames") or []):
+    for k, key_frame in enumerate(sorted(record.get("key_frames") or [], key=lambda kf: kf["t_s"])):
         rel = f"{record['id']}/{k}.jpg"
         os.makedirs(os.path.join(kfs_dir, record["id"]), exist_ok=True)
         with open(os.path.join(kfs_dir, rel), "wb") as out:
@@ -128,11 +175,14 @@ def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) 
         for obj in key_frame.get("objects") or []:
             items.setdefault(obj["name"], []).append([round(v, 4) for v in obj["box"]])
         key_items[str(k)] = items
+    span = record.get("answer_span")
     return {
-        "id": record["id"], "task": OPEN_O3_TASKS[task], "source": record.get("source"),
+        "id": record["id"], "task": OPEN_O3_TASKS[task], "source": OPEN_O3_SOURCES[OPEN_O3_TASKS[task]],
         "video_path": (record.get("media") or {}).get("uri"), "question": question_text(record),
-        "answer": open_o3_answer(record), "reasoning_process": record.get("reasoning") or "",
+        "answer": answer, "reasoning_process": record.get("reasoning") or "",
         "key_frames": key_frames, "key_items": key_items,
+        "stgr": {"source": record.get("source"), "task": task, "answer": record.get("answer"),
+                 "answer_span": [float(v) for v in span] if span is not None else None},
     }
 
 
