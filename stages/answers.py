@@ -61,7 +61,7 @@ def _box_text(body: str) -> str | None:
     return None
 
 
-def _letter(text: str, num_options: int | None) -> str | None:
+def option_letter(text: str, num_options: int | None = None) -> str | None:
     """The option letter of an answer, also when a span follows it on the next lines."""
     letter = evidence.parse_option_letter(text, num_options)
     if letter is None:
@@ -99,7 +99,7 @@ def _truth(task: str, answer: str, options: tuple[str, ...], answer_span: tuple[
     body = evidence.answer_text(answer)
     num_options = len(options) or None
     if body and (options or ANSWER_KINDS.get(task) == "option"):
-        letter = _letter(body, num_options)
+        letter = option_letter(body, num_options)
         if letter is not None:
             rest = body.split("\n", 1)[1] if "\n" in body else ""
             span = evidence.parse_time_span(rest) if rest.strip() else None
@@ -165,9 +165,9 @@ def score_truth(predicted: str | None, truth: AnswerTruth, frame: BoxFrame = CAN
     if not text:
         return 0.0
     if truth.kind == "option":
-        return float(_letter(text, truth.num_options) == truth.letter)
+        return float(option_letter(text, truth.num_options) == truth.letter)
     if truth.kind == "option_span":
-        return (float(_letter(text, truth.num_options) == truth.letter) + _tiou(truth.span, text)) / 2.0
+        return (float(option_letter(text, truth.num_options) == truth.letter) + _tiou(truth.span, text)) / 2.0
     if truth.kind == "span":
         return _tiou(truth.span, text)
     if truth.kind == "box":

@@ -92,11 +92,12 @@ def voting_key(answer_kind: str, answer: str | None, num_options: int | None = N
     choice, the lower-cased text with white space collapsed and end punctuation dropped for free
     form. Spans and boxes are continuous (no two samples agree exactly), so they do not vote: None."""
     from stages import evidence
+    from stages.answers import option_letter
 
     if not answer:
         return None
-    if answer_kind == "option":
-        return evidence.parse_option_letter(answer, num_options)
+    if answer_kind in ("option", "option_span"):  # a letter-plus-span answer votes by its letter
+        return option_letter(answer, num_options)
     if answer_kind == "text":
         text = " ".join(evidence.answer_text(answer).lower().split()).strip(" .,;:!?\"'")
         return text or None
