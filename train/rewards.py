@@ -5,20 +5,26 @@ Every function takes `completions` (strings, or chat messages as TRL passes them
 options, answer span, key frames with canonical boxes, and the box frame the model writes in) and
 returns one float per completion. None of them raises: malformed text, malformed targets and
 absurd inputs (10,000 claims, boxes with three numbers, times as words) score 0 for what is wrong.
-Parsing goes through `stages.evidence`, boxes through `stages.geometry`, spans through
-`stages.metrics`; nothing here re-implements them.
+Parsing goes through `stages.evidence`, boxes through `stages.geometry`, answers through
+`stages.answers`; nothing here re-implements them. Behaviour follows the released Open-o3 Video
+rewards (`reward_func.py`); where it does not, docs/training.md lists the departure and its reason.
 
-- `accuracy`: per answer kind - option letter (MCQ), tIoU (temporal span), IoU (box answer),
-  ROUGE-L F1 (free form). The kind is "option" whenever the record has options, else by task.
+- `accuracy`: the `<answer>` content scored by `stages.answers.score_answer`, the one scorer the
+  filter and evaluation use too (option letter, letter + span, tIoU, IoU or ROUGE, by what the
+  record's answer is); 0 without an `<answer>` section or without a ground truth.
 - `format`: 0 / 0.5 / 1 (`evidence.format_score`): not well formed / well formed / well formed with
   the evidence the task needs.
-- `temporal`: mean over the cited times of exp(-dt^2 / 2 sigma^2), dt to the nearest ground-truth
-  key time (to the answer span when a record has no key frames); sigma = sigma_start (1 - p) while
-  training progress p < anneal_until, then sigma_end (the paper: 4 -> 1 by 75 % of training).
-- `spatial`: mean over the timed claims with boxes of the best IoU against the ground-truth boxes of
-  the nearest key frame, counted only when |dt| <= tau. The gate is symmetric; the reference tests
-  `gt_time - pred_time < tau`, which lets any prediction *after* the key frame through (and gates on
-  the wrong side); we do not copy that.
+- `temporal` (0 without a `<think>` section): for a record with key frames, the mean over the cited
+  times of exp(-dt^2 / 2 sigma^2), dt to the nearest key time (the released point reward); for a
+  record with an answer span and no key frames, the fraction of cited times inside the span (the
+  released segment reward). sigma = sigma_start (1 - p) while training progress p < anneal_until,
+  then sigma_end (the paper: 4 -> 1 by 75 % of training); p = (global_step + 1) / max_steps.
+- `spatial` (0 without `<think>` and `<answer>` sections): mean over the timed claims with boxes of
+  the claim's IoU at the nearest key frame, counted only when |dt| <= tau. A claim's IoU there is the
+  best over the frame's objects of the mean, over that object's ground-truth boxes, of the best IoU
+  with the claim's boxes. Of two key frames at one time, the first in the list counts. The gate is
+  symmetric; the reference tests `gt_time - pred_time < tau`, which lets any prediction *after* the
+  key frame through (and gates on the wrong side); we do not copy that.
 
 The numeric part is vectorised over the whole batch with numpy (nearest key time by one
 `searchsorted`, IoU of all claim/ground-truth pairs at once); `tests/bench/bench_rewards.py`
@@ -35,8 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from stages import evidence, geometry, metrics
-from stages.schema import ANSWER_KINDS
+from stages import answers, evidence, geometry
 from stages.targets import frame_from_dict
 
 log = logging.getLogger("stgr.train.rewards")
@@ -78,10 +83,12 @@ def sigma_at(progress: float, cfg: RewardConfig = RewardConfig()) -> float:
 
 
 def progress_of(trainer_state: Any) -> float:
-    """Training progress from a transformers TrainerState (0 when unknown)."""
+    """Training progress from a transformers TrainerState, as the released trainer computes it:
+    (global_step + 1) / max_steps, the step being generated for counting as done (0 when unknown).
+    TRL scores a step's completions before it increments `global_step`, so the last step reads 1."""
     step = getattr(trainer_state, "global_step", 0) or 0
     total = getattr(trainer_state, "max_steps", 0) or 0
-    return step / total if total > 0 else 0.0
+    return (step + 1) / total if total > 0 else 0.0
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -110,6 +117,7 @@ class Target:
     answer_span: tuple[float, float] | None
     key_times: np.ndarray  # (K,)
     key_boxes: tuple[np.ndarray, ...]  # per key frame, (n_k, 4) canonical
+    key_objects: tuple[np.ndarray, ...]  # per key frame, (n_k,) which object each box is (0..m_k-1)
     frame: geometry.BoxFrame
 
 
@@ -128,6 +136,7 @@ def _parse_target(raw: Any) -> Target | None:
     try:
         data = json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
         key_frames = [kf for kf in data.get("key_frames") or [] if kf.get("t_s") is not None]
+        objects = [[o for o in kf.get("objects") or [] if o.get("box")] for kf in key_frames]
         span = data.get("answer_span")
         return Target(
             task=str(data["task"]),
@@ -135,15 +144,21 @@ def _parse_target(raw: Any) -> Target | None:
             options=tuple(str(o) for o in data.get("options") or []),
             answer_span=(float(span[0]), float(span[1])) if span else None,
             key_times=np.asarray([float(kf["t_s"]) for kf in key_frames], dtype=np.float64),
-            key_boxes=tuple(
-                np.asarray([o["box"] for o in kf.get("objects") or [] if o.get("box")], dtype=np.float64).reshape(-1, 4)
-                for kf in key_frames
-            ),
+            key_boxes=tuple(np.asarray([o["box"] for o in objs], dtype=np.float64).reshape(-1, 4) for objs in objects),
+            key_objects=tuple(_object_ids(objs) for objs in objects),
             frame=frame_from_dict(data["frame"]),
         )
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
         log.warning("unusable reward target (%s): %.200r", exc, raw)
         return None
+
+
+def _object_ids(objects: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Which object each box of a key frame belongs to: boxes with the same name are one object
+    (the released `key_items` maps a name to its list of boxes); an unnamed box is its own object."""
+    ids: dict[Any, int] = {}
+    return np.asarray([ids.setdefault(o.get("name") if o.get("name") is not None else ("unnamed", i), len(ids))
+                       for i, o in enumerate(objects)], dtype=np.int64)
 
 
 @lru_cache(maxsize=32768)
@@ -186,61 +201,18 @@ def _guarded(name: str, per_item: Callable[[str, Target], float]) -> Callable[[l
 # --- accuracy ------------------------------------------------------------------------------------------
 
 
-def _rouge_l(reference: str, prediction: str) -> float:
-    from rouge_score import rouge_scorer
-
-    global _SCORER
-    if _SCORER is None:
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    if not reference.strip() or not prediction.strip():
-        return 0.0
-    return float(_SCORER.score(reference, prediction)["rougeL"].fmeasure)
-
-
-_SCORER = None
-
-
-def _acc_option(answer: str, target: Target) -> float:
-    truth = evidence.parse_option_letter(target.answer, len(target.options) or None)
-    pred = evidence.parse_option_letter(answer, len(target.options) or None)
-    return float(truth is not None and pred == truth)
-
-
-def _acc_span(answer: str, target: Target) -> float:
-    truth = target.answer_span or evidence.parse_time_span(target.answer)
-    pred = evidence.parse_time_span(answer)
-    if truth is None or pred is None:
-        return 0.0
-    return float(metrics.temporal_iou(truth, pred))
-
-
-def _acc_box(answer: str, target: Target) -> float:
-    truth = evidence.parse_box_answer(target.answer)
-    pred = evidence.parse_box_answer(answer, target.frame)
-    if truth is None or pred is None:
-        return 0.0
-    return float(geometry.paired_iou([truth], [pred])[0])
-
-
-def _acc_text(answer: str, target: Target) -> float:
-    return _rouge_l(evidence.answer_text(target.answer), answer)
-
-
-ACCURACY: dict[str, Callable[[str, Target], float]] = {
-    "option": _acc_option,
-    "span": _acc_span,
-    "box": _acc_box,
-    "text": _acc_text,
-}
-"""Accuracy scorers by answer kind: (the completion's <answer> text, target) -> [0, 1]."""
-
 def answer_kind(target: Target) -> str:
-    return "option" if target.options else ANSWER_KINDS.get(target.task, "text")
+    """How the target's answer is scored (`stages.answers.answer_kind`: decided by the answer itself)."""
+    return answers.answer_kind(target.task, target.answer, target.options, target.answer_span)
 
 
 def _accuracy_item(text: str, target: Target) -> float:
     answer = evidence.split_sections(text).answer
-    return 0.0 if answer is None else ACCURACY[answer_kind(target)](answer, target)
+    if answer is None:
+        return 0.0
+    score = answers.score_answer(answer, task=target.task, answer=target.answer, options=target.options,
+                                 answer_span=target.answer_span, frame=target.frame)
+    return 0.0 if score is None else score
 
 
 def _format_item(text: str, target: Target) -> float:
@@ -264,75 +236,88 @@ def _nearest(q_owner: np.ndarray, q_t: np.ndarray, k_owner: np.ndarray, k_t: np.
     """For each query (owner, time): the index of the nearest key of the same owner and |dt|
     (-1 and inf where the owner has no key). One sort and one searchsorted for the whole batch:
     owners are laid end to end on one time axis, `stride` apart, so a neighbour from another owner
-    is always farther than any key of the query's own."""
-    idx = np.full(len(q_t), -1, dtype=np.int64)
-    dist = np.full(len(q_t), np.inf)
+    is always farther than any key of the query's own.
+
+    Ties go to the key earlier in the owner's list, as in the released loop (which keeps the first
+    strict minimum, then takes the first key frame at that time): keys at one time all stand for the
+    first of them, and of two keys equally far, the one listed first wins."""
     if len(q_t) == 0 or len(k_t) == 0:
-        return idx, dist
+        return np.full(len(q_t), -1, dtype=np.int64), np.full(len(q_t), np.inf)
     q_t = np.clip(q_t, -_MAX_TIME, _MAX_TIME)
     k_t = np.clip(k_t, -_MAX_TIME, _MAX_TIME)
     stride = 8 * _MAX_TIME
-    keys = k_owner * stride + k_t
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    pos = np.searchsorted(sorted_keys, q_owner * stride + q_t)
-    cand = np.stack([np.clip(pos - 1, 0, len(keys) - 1), np.clip(pos, 0, len(keys) - 1)])
-    cand_idx = order[cand]
+    order = np.lexsort((k_t, k_owner))  # stable: equal keys keep their list order
+    s_owner, s_t = k_owner[order], k_t[order]
+    starts = np.flatnonzero(np.r_[True, (s_owner[1:] != s_owner[:-1]) | (s_t[1:] != s_t[:-1])])
+    first = order[starts]  # one key per distinct (owner, time): the first listed
+    pos = np.searchsorted(s_owner[starts] * stride + s_t[starts], q_owner * stride + q_t)
+    cand_idx = first[np.stack([np.clip(pos - 1, 0, len(starts) - 1), np.clip(pos, 0, len(starts) - 1)])]
     d = np.abs(k_t[cand_idx] - q_t)
     d[k_owner[cand_idx] != q_owner] = np.inf
-    best = np.argmin(d, axis=0)
+    later = (d[1] < d[0]) | ((d[1] == d[0]) & (cand_idx[1] < cand_idx[0]))
     cols = np.arange(len(q_t))
+    best = later.astype(np.int64)
     dist = d[best, cols]
     idx = np.where(np.isfinite(dist), cand_idx[best, cols], -1)
     return idx, dist
 
 
-def _span_distance(t: np.ndarray, span: tuple[float, float]) -> np.ndarray:
-    lo, hi = min(span), max(span)
-    return np.maximum(0.0, np.maximum(lo - t, t - hi))
-
-
 def temporal_scores(texts: list[str], targets: list[Target | None], sigma: float) -> list[float]:
-    """Mean Gaussian proximity of every cited time to the nearest key time (or the answer span)."""
+    """Per completion, the mean over its cited times of: the Gaussian proximity to the nearest key
+    time (a record with key frames), or 1 inside the answer span and 0 outside (a record with a span
+    and no key frames). 0 without a `<think>` section, which is where the times are read."""
     n = len(texts)
     q_owner, q_t, k_owner, k_t = [], [], [], []
-    span_owner, span_t, span_d = [], [], []
+    span_owner, span_hit = [], []
     for i, (text, target) in enumerate(zip(texts, targets)):
         if target is None:
             continue
-        times = _parse(text, target.frame).times
-        if not times:
+        trace = _parse(text, target.frame)
+        if trace.think is None or not trace.times:
             continue
+        t = np.clip(np.asarray(trace.times, dtype=np.float64), -_MAX_TIME, _MAX_TIME)
         if len(target.key_times):
-            q_owner.append(np.full(len(times), i))
-            q_t.append(np.asarray(times, dtype=np.float64))
+            q_owner.append(np.full(len(t), i))
+            q_t.append(t)
             k_owner.append(np.full(len(target.key_times), i))
             k_t.append(target.key_times)
         elif target.answer_span is not None:
-            t = np.clip(np.asarray(times, dtype=np.float64), -_MAX_TIME, _MAX_TIME)
+            lo, hi = min(target.answer_span), max(target.answer_span)
             span_owner.append(np.full(len(t), i))
-            span_t.append(t)
-            span_d.append(_span_distance(t, target.answer_span))
-    owners = np.concatenate(q_owner + span_owner) if q_owner or span_owner else np.zeros(0, dtype=np.int64)
-    dt = np.concatenate(
-        ([_nearest(np.concatenate(q_owner), np.concatenate(q_t), np.concatenate(k_owner), np.concatenate(k_t))[1]]
-         if q_owner else []) + span_d
-    ) if owners.size else np.zeros(0)
-    score = np.exp(-(dt**2) / (2.0 * sigma**2)) if sigma > 0 else (dt == 0).astype(float)
-    total = np.bincount(owners.astype(np.int64), weights=score, minlength=n)
-    count = np.bincount(owners.astype(np.int64), minlength=n)
+            span_hit.append(((lo <= t) & (t <= hi)).astype(np.float64))
+    parts_owner, parts_score = list(span_owner), list(span_hit)
+    if q_owner:
+        owner = np.concatenate(q_owner)
+        dt = _nearest(owner, np.concatenate(q_t), np.concatenate(k_owner), np.concatenate(k_t))[1]
+        parts_owner.append(owner)
+        parts_score.append(np.exp(-(dt**2) / (2.0 * sigma**2)) if sigma > 0 else (dt == 0).astype(np.float64))
+    if not parts_owner:
+        return [0.0] * n
+    owners = np.concatenate(parts_owner).astype(np.int64)
+    total = np.bincount(owners, weights=np.concatenate(parts_score), minlength=n)
+    count = np.bincount(owners, minlength=n)
     return np.divide(total, count, out=np.zeros(n), where=count > 0).tolist()
 
 
+def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
+    return np.cumsum(counts) - counts
+
+
 def spatial_scores(texts: list[str], targets: list[Target | None], tau: float) -> list[float]:
-    """Mean over timed claims with boxes of max IoU with the nearest key frame's boxes, if |dt| <= tau."""
+    """Mean over timed claims with boxes of the claim's IoU at the nearest key frame if |dt| <= tau
+    (else 0): the best over the frame's objects of the mean over the object's ground-truth boxes of
+    the best IoU with the claim's boxes. 0 without `<think>` and `<answer>` sections."""
     n = len(texts)
     c_owner, c_t, c_nbox, boxes = [], [], [], []
-    k_owner, k_t, k_nbox, gt = [], [], [], []
+    k_owner, k_t, k_nbox, gt, gt_obj = [], [], [], [], []
+    n_objects = 0
     for i, (text, target) in enumerate(zip(texts, targets)):
         if target is None or not len(target.key_times):
             continue
-        claims = [c for c in _parse(text, target.frame).claims if c.boxes and c.t is not None]
+        trace = _parse(text, target.frame)
+        if trace.think is None or trace.answer is None:
+            continue
+        claims = [c for c in trace.claims if c.boxes and c.t is not None]
         if not claims:
             continue
         c_owner.extend([i] * len(claims))
@@ -343,25 +328,37 @@ def spatial_scores(texts: list[str], targets: list[Target | None], tau: float) -
         k_t.extend(target.key_times.tolist())
         k_nbox.extend(len(b) for b in target.key_boxes)
         gt.extend(target.key_boxes)
+        for ids in target.key_objects:  # object ids made unique across the batch
+            gt_obj.append(ids + n_objects)
+            n_objects += int(ids.max()) + 1 if len(ids) else 0
     if not c_owner:
         return [0.0] * n
     c_owner_a = np.asarray(c_owner, dtype=np.int64)
     key, dt = _nearest(c_owner_a, np.asarray(c_t, dtype=np.float64),
                        np.asarray(k_owner, dtype=np.int64), np.asarray(k_t, dtype=np.float64))
-    gated = (key >= 0) & (dt <= tau)
+    key = np.where(dt <= tau, key, -1)
+    k_nbox_a = np.asarray(k_nbox, dtype=np.int64)
+    gt_start = _exclusive_cumsum(k_nbox_a)
+    gt_all = np.concatenate(gt) if gt else np.zeros((0, 4))
+    gt_obj_all = np.concatenate(gt_obj) if gt_obj else np.zeros(0, dtype=np.int64)
+    # One slot per (claim, ground-truth box of the claim's key frame); each claim box meets every slot of its claim.
+    n_slots = np.where(key >= 0, k_nbox_a[np.maximum(key, 0)], 0)
+    slot_start = _exclusive_cumsum(n_slots)
+    slot_claim = np.repeat(np.arange(len(c_owner)), n_slots)
+    slot_gt = gt_start[key[slot_claim]] + (np.arange(len(slot_claim)) - slot_start[slot_claim])
     claim_boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     box_claim = np.repeat(np.arange(len(c_owner)), c_nbox)
-    k_nbox_a = np.asarray(k_nbox, dtype=np.int64)
-    gt_start = np.concatenate([[0], np.cumsum(k_nbox_a)[:-1]])
-    gt_all = np.concatenate(gt) if gt else np.zeros((0, 4))
-    box_key = np.where(gated[box_claim], key[box_claim], -1)
-    pairs_per_box = np.where(box_key >= 0, k_nbox_a[np.maximum(box_key, 0)], 0)
+    pairs_per_box = n_slots[box_claim]
     pair_box = np.repeat(np.arange(len(claim_boxes)), pairs_per_box)
-    first = np.repeat(np.cumsum(pairs_per_box) - pairs_per_box, pairs_per_box)
-    pair_gt = gt_start[box_key[pair_box]] + (np.arange(len(pair_box)) - first)
-    iou = geometry.paired_iou(claim_boxes[pair_box], gt_all[pair_gt]) if len(pair_box) else np.zeros(0)
+    pair_rank = np.arange(len(pair_box)) - np.repeat(_exclusive_cumsum(pairs_per_box), pairs_per_box)
+    pair_slot = slot_start[box_claim[pair_box]] + pair_rank
+    iou = geometry.paired_iou(claim_boxes[pair_box], gt_all[slot_gt[pair_slot]]) if len(pair_box) else np.zeros(0)
+    slot_iou = np.zeros(len(slot_claim))
+    np.maximum.at(slot_iou, pair_slot, iou)  # each ground-truth box: the best of the claim's boxes
+    group, inverse = np.unique(slot_claim * max(n_objects, 1) + gt_obj_all[slot_gt], return_inverse=True)
+    object_iou = np.bincount(inverse, weights=slot_iou) / np.bincount(inverse)  # mean over the object's boxes
     claim_iou = np.zeros(len(c_owner))
-    np.maximum.at(claim_iou, box_claim[pair_box], iou)
+    np.maximum.at(claim_iou, group // max(n_objects, 1), object_iou)  # the best object of the frame
     total = np.bincount(c_owner_a, weights=claim_iou, minlength=n)
     count = np.bincount(c_owner_a, minlength=n)
     return np.divide(total, count, out=np.zeros(n), where=count > 0).tolist()

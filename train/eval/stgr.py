@@ -5,9 +5,10 @@ Each record is rendered exactly as for training (`train.data.render_example`: fr
 times for test-time scaling), and scored with the training rewards' definitions (`train.rewards`),
 so evaluation and RL agree on what "right" means:
 
-- answer: option letter (multiple choice), tIoU with the answer span (temporal; >= 0.5 counts as
-  correct), IoU with the answer box (spatial; >= 0.5), and for free-form answers (general_free,
-  spatio_temporal) the judge's 0-3 score (>= 2 correct), with ROUGE-L F beside it;
+- answer (`stages.answers`, by what the record's answer is): option letter (multiple choice), letter
+  and span ((letter + tIoU) / 2 >= 0.75 counts as correct: the right letter and tIoU >= 0.5), tIoU
+  with the answer span (>= 0.5 correct), IoU with the answer box (>= 0.5), and for free-form
+  answers the judge's 0-3 score (>= 2 correct), with the ROUGE accuracy reward beside it;
 - evidence: format score (0 / 0.5 / 1), temporal proximity of the cited times to the key frames
   (exp(-dt^2 / 2 sigma^2)), spatial precision (IoU of each cited box with the key frame's boxes
   when |dt| <= tau), and the number of grounded claims.
@@ -20,8 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.errors import InputError
-from stages import evidence, metrics
-from stages.schema import ANSWER_KINDS
+from stages import answers, evidence, metrics
 from train import rewards
 from train.data import load_records, render_example
 from train.eval.crops import crop_calls, crop_kind
@@ -32,7 +32,10 @@ from train.eval.scaling import tts_candidates, tts_outcome
 
 #: Answers below these scores are not "correct" (spans and boxes are scored continuously).
 CORRECT_IOU = 0.5
-VOTING_KINDS = ("option", "text")
+CORRECT_OPTION_SPAN = 0.75
+VOTING_KINDS = {"option": "option", "option_span": "option", "text": "text"}
+"""Answer kinds that test-time scaling votes on, and the kind their votes are keyed by (a letter
+followed by a span votes by its letter)."""
 
 
 def _split_location(path: Path, split: str) -> tuple[Path, str]:
@@ -87,8 +90,7 @@ class StgrEval:
 
     def _num_samples(self, record: Mapping[str, Any]) -> int:
         n = int(self.cfg["tts"]["num_samples"])
-        kind = "option" if record.get("options") else ANSWER_KINDS.get(record["task"], "text")
-        return n if n > 1 and kind in VOTING_KINDS else 0
+        return n if n > 1 and answers.record_answer_kind(record) in VOTING_KINDS else 0
 
     # calls --------------------------------------------------------------------------------------
 
@@ -196,6 +198,8 @@ class StgrEval:
         frame = target.frame if target else None
         if kind == "option":
             row["correct"] = reward["accuracy"] == 1.0
+        elif kind == "option_span":
+            row["correct"] = reward["accuracy"] >= CORRECT_OPTION_SPAN
         elif kind == "span":
             row["tiou"] = reward["accuracy"]
             row["correct"] = reward["accuracy"] >= CORRECT_IOU
@@ -215,13 +219,14 @@ class StgrEval:
         if samples:
             truth = evidence.answer_text(record["answer"])
             num_options = len(record.get("options") or []) or None
-            if kind == "option":
-                letter = evidence.parse_option_letter(truth, num_options)
+            vote_kind = VOTING_KINDS.get(kind, "text")
+            if vote_kind == "option":
+                letter = evidence.parse_option_letter(truth.split("\n", 1)[0], num_options)
                 is_correct = lambda c: evidence.parse_option_letter(c, num_options) == letter  # noqa: E731
             else:
                 is_correct = lambda c, r=record: judge.score(  # noqa: E731
                     r["id"], r["question"], truth, c) >= CORRECT_FROM
-            row["tts"] = tts_outcome(samples, self._duration(record), self.cfg["tts"], kind, num_options,
+            row["tts"] = tts_outcome(samples, self._duration(record), self.cfg["tts"], vote_kind, num_options,
                                      lambda n, j, r=record: runner.completion(r["id"], crop_kind(n, j)), is_correct)
         return row
 
@@ -266,7 +271,7 @@ def stgr_markdown(result: Mapping[str, Any]) -> str:
              f"- model: `{result['model']}` (backend `{result['backend']}`)",
              f"- data: `{result['data']}` ({o['n']} records)",
              f"- judge (free-form answers): `{result['judge']}`", "",
-             "| task | n | Acc | m_tIoU | R@0.3 | R@0.5 | R@0.7 | m_IoU | judge 0-3 | ROUGE-L | format | temporal | spatial | claims | grounded |",
+             "| task | n | Acc | m_tIoU | R@0.3 | R@0.5 | R@0.7 | m_IoU | judge 0-3 | ROUGE | format | temporal | spatial | claims | grounded |",
              "| --- | " + " | ".join(["---:"] * 14) + " |"]
     for name, g in [*s["by_task"].items(), ("**all**", o)]:
         r = g.get("R", {})
@@ -277,7 +282,7 @@ def stgr_markdown(result: Mapping[str, Any]) -> str:
                  _pct(g["rouge_l"]) if "rouge_l" in g else dash,
                  _pct(g["format"]), _pct(g["temporal"]), _pct(g["spatial"]), f"{g['claims']:.1f}", _pct(g["grounded"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Acc: option letter; tIoU >= 0.5 (temporal); IoU >= 0.5 (spatial); judge >= 2 (free form). "
+    lines += ["", "Acc: option letter; letter and span >= 0.75; tIoU >= 0.5 (temporal); IoU >= 0.5 (spatial); judge >= 2 (free form). "
               "format / temporal / spatial: the RL rewards' definitions (docs/evaluation.md).", ""]
     lines += _tts_lines(o)
     lines += _problems(result["samples"], "id")
