@@ -11,10 +11,10 @@ import ray
 from omegaconf import OmegaConf
 
 from pipeline.config import BuildPlan, compose, from_yaml, to_yaml, validate
-from pipeline.errors import ConfigError
-from pipeline.executor import execute, resolve_nodes, write_plan
+from pipeline.errors import EXIT_FAILED_UNITS, EXIT_OK, EXIT_UNUSABLE, ConfigError
+from pipeline.executor import NodeState, Outcome, execute, resolve_nodes, write_plan
 from pipeline.progress import Progress
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, Unit, read_commit
 
 log = logging.getLogger("stgr")
 
@@ -66,12 +66,33 @@ def connect(cluster: dict[str, Any], plan: BuildPlan | None = None) -> bool:
     return True
 
 
+def collect_reports(run: RunDir, states: dict[str, NodeState], outcome: Outcome,
+                    fresh: dict[Unit, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `StageReport`s of the committed units, in DAG order.
+
+    A unit committed by this build returned its commit record to the driver (`fresh`); a reused one,
+    or one a straggler committed first, is read back from the run directory, so a resumed build
+    reports exactly what the first one did.
+    """
+    order = {node: i for i, node in enumerate(states)}
+    reports = []
+    for unit in sorted(outcome.committed | outcome.reused, key=lambda u: (order[u.node], u.partition)):
+        record = fresh.get(unit)
+        if record is None or record.get("skipped"):
+            record = read_commit(run, unit) or {}
+        if record.get("report"):
+            reports.append(record["report"])
+    return reports
+
+
 def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
               interactive: bool | None = None, config_dir: str | None = None, config_name: str = "build") -> int:
-    """Build (or continue) the run in `run_dir`. 0 when every unit committed, 1 otherwise.
+    """Build (or continue) the run in `run_dir` and print its summary.
 
-    Raises ConfigError/InputError (exit 2) before anything is written when the config or an input
-    file is unusable.
+    Exit code (pipeline.errors): 0 when every unit committed, 1 when one failed or was blocked, 3 when
+    all committed but a stage reported its product unusable (an empty dataset). Raises
+    ConfigError/InputError (exit 2) before anything is written when the config or an input file is
+    unusable.
     """
     run = RunDir.open(run_dir)
     if resume:
@@ -89,10 +110,16 @@ def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
     run.write_text("config.yaml", to_yaml(config))
     write_plan(run, states, build_id)
     started = connect(config.get("cluster") or {}, plan)
+    fresh: dict[Unit, dict[str, Any]] = {}
     try:
         totals = {n: s.partitions for n, s in states.items()}
         with Progress(totals, interactive) as progress:
-            outcome = execute(run, plan, states, build_id, progress.update, {"env_vars": worker_env(plan)})
+            def on_commit(unit: Unit, summary: dict[str, Any], reused: bool) -> None:
+                if not reused:
+                    fresh[unit] = summary
+                progress.update(unit, summary, reused)
+
+            outcome = execute(run, plan, states, build_id, on_commit, {"env_vars": worker_env(plan)})
     finally:
         if started:
             ray.shutdown()
@@ -101,5 +128,14 @@ def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
     if outcome.pending:
         print(f"{len(outcome.pending)} unit(s) not run because an input failed", file=sys.stderr)
     print(f"{run.uri}: {len(outcome.committed)} unit(s) committed, {len(outcome.reused)} reused, "
-          f"{len(outcome.failed)} failed, {len(outcome.pending)} blocked", file=sys.stderr)
-    return 0 if outcome.ok else 1
+          f"{len(outcome.failed)} failed, {len(outcome.pending)} blocked", file=sys.stderr, flush=True)
+    reports = collect_reports(run, states, outcome, fresh)
+    for report in reports:
+        for line in report.get("summary") or []:
+            print(line, flush=True)
+    failures = [r["failure"] for r in reports if r.get("failure")]
+    for line in failures:
+        print(line, file=sys.stderr, flush=True)
+    if not outcome.ok:
+        return EXIT_FAILED_UNITS
+    return EXIT_UNUSABLE if failures else EXIT_OK

@@ -80,11 +80,27 @@ class Reject(Exception):
 
 
 @dataclass
+class StageReport:
+    """What a unit tells the person who ran the build; kept in its commit record.
+
+    The engine does not know what a stage makes (a dataset, an index, ...), so a stage that can judge
+    its own product says so here. `summary` lines are printed at the end of every build; `failure`,
+    when set, is one line saying why the product is unusable (an empty dataset), and the build exits 3.
+    Stored with the commit, it is read back when a resumed build reuses the unit: same report, same
+    exit code, without running the stage again.
+    """
+
+    summary: list[str] = field(default_factory=list)
+    failure: str | None = None
+
+
+@dataclass
 class StageResult:
-    """What one unit of work produces: the kept rows and the ledger rows."""
+    """What one unit of work produces: the kept rows, the ledger rows and an optional report."""
 
     table: pa.Table
     rejections: list[Rejection] = field(default_factory=list)
+    report: StageReport | None = None
 
 
 @dataclass(frozen=True)

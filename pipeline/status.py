@@ -2,6 +2,8 @@
 
 Needs no stage code and no Ray: plan.json names each node's fingerprint and partition count, and
 the commit/error records say the rest, so it works from any machine that sees the run directory.
+A stage's report (`StageReport`, kept in the commit record) is listed too: its failure line, such as
+an empty dataset, is shown under the table.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
         row: dict[str, Any] = {"node": node, "stage": info["stage"], "fingerprint": info["fingerprint"],
                                "partitions": info["partitions"], "done": 0, "failed": 0, "retrying": 0,
                                "pending": 0, "rows_in": 0, "rows_out": 0, "rows_rejected": 0,
-                               "seconds": 0.0, "errors": []}
+                               "seconds": 0.0, "errors": [], "reports": []}
         for p in range(info["partitions"]):
             base = part_name(p)
             if f"{base}.json" in names:
@@ -28,6 +30,8 @@ def run_status(run: RunDir) -> dict[str, Any]:
                 row["done"] += 1
                 for key in ("rows_in", "rows_out", "rows_rejected", "seconds"):
                     row[key] += record.get(key, 0)
+                if record.get("report"):
+                    row["reports"].append(record["report"])
             elif f"{base}.error.json" in names:
                 error = json.loads(run.read_text(f"{stage_dir}/{base}.error.json"))
                 row["failed" if error.get("final") else "retrying"] += 1
@@ -56,4 +60,5 @@ def format_status(status: dict[str, Any]) -> str:
         for e in n["errors"]:
             first = e["error"].strip().splitlines()[0] if e["error"].strip() else ""
             lines.append(f"FAILED {e['unit']} (attempt {e['attempt']}): {first}")
+        lines.extend(r["failure"] for r in n["reports"] if r.get("failure"))
     return "\n".join(lines)

@@ -5,6 +5,7 @@ truth a resumed build needs, and a unit can run on any node that sees the run di
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import traceback
@@ -93,6 +94,8 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
         "rows_rejected": len(ledger_rows), "seconds": round(seconds, 4),
         "inputs": [{"data": u.data, "sha256": d} for u, d in zip(task.inputs, digests)],
     }
+    if result.report is not None:
+        record["report"] = dataclasses.asdict(result.report)
     committed = commit(run, task.unit, result.table, ledger_rows, record)
     return {**record, "skipped": not committed}
 

@@ -6,6 +6,8 @@ so this stage runs once on all upstream partitions. Why a stable hash of the id 
 same record lands in the same split on every rebuild and every machine, so an RL set never leaks into
 the SFT set when a build is extended. The dataset directory is written under a temporary name and
 renamed into place, so a killed build leaves either the previous dataset or the new one, never half.
+Why a report: an empty dataset is a failed build (exit 3) unless `allow_empty`, and every build ends
+with the dataset's path, rows per split and task and the ledger's top rules, taken from the manifest.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.registry import register_stage
-from pipeline.stage import LEDGER_SCHEMA, Stage, StageResult, UnitContext
+from pipeline.stage import LEDGER_SCHEMA, Stage, StageReport, StageResult, UnitContext
 from stages.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, conform
 
 #: Split value in the `split` column -> dataset sub-directory (the names of the released STGR sets).
@@ -106,6 +108,32 @@ def ledger_counts(ledger: pa.Table) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["stage"], -r["rows"], r["rule"]))
 
 
+def top_rules(ledger: list[dict[str, Any]], n: int) -> str:
+    """`filter/claim_iou 26, align/exception 2, ...`: the n (stage, rule) pairs with the most ledger rows."""
+    ranked = sorted(ledger, key=lambda r: (-r["rows"], r["stage"], r["rule"]))[:n]
+    return ", ".join(f"{r['stage']}/{r['rule']} {r['rows']}" for r in ranked) or "none"
+
+
+def build_report(manifest: Mapping[str, Any], location: str, allow_empty: bool, node: str) -> StageReport:
+    """The build's closing lines from the manifest, and a failure when the dataset has no row.
+
+    An empty dataset is almost always a mistake (a filter threshold, a source whose records all fail):
+    exiting 0 would let it pass unnoticed, so it fails with the rules that rejected the records.
+    """
+    rejected = sum(r["rows"] for r in manifest["ledger"])
+    summary = [f"dataset {location}: {manifest['rows']} rows"]
+    for split, dirname in SPLIT_DIRS.items():
+        tasks = ", ".join(f"{c['task']} {c['rows']}" for c in manifest["counts"]["task"] if c["split"] == split)
+        summary.append(f"  {dirname} ({split}): {manifest['splits'][dirname]['rows']} rows"
+                       + (f" ({tasks})" if tasks else ""))
+    summary.append(f"  ledger: {rejected} rows; top rules: {top_rules(manifest['ledger'], 5)}")
+    failure = None
+    if manifest["rows"] == 0 and not allow_empty:
+        failure = (f"stgr: dataset {location} is empty (0 rows); top ledger rules: {top_rules(manifest['ledger'], 3)}"
+                   f" (`{node}.allow_empty=true` accepts an empty dataset)")
+    return StageReport(summary=summary, failure=failure)
+
+
 def _encode_parquet(table: pa.Table, compression: str) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression=compression)
@@ -182,13 +210,13 @@ def _read_run_config(fs: pafs.FileSystem, run_path: str) -> dict[str, Any] | Non
         return yaml.safe_load(io.BytesIO(stream.read()))
 
 
-def _existing_fingerprint(fs: pafs.FileSystem, directory: str) -> str | None:
+def _existing_manifest(fs: pafs.FileSystem, directory: str) -> dict[str, Any] | None:
     path = posixpath.join(directory, "manifest.json")
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
         try:
-            return json.loads(stream.read()).get("fingerprint")
+            return json.loads(stream.read())
         except ValueError:
             return None
 
@@ -203,10 +231,10 @@ class Shard(Stage):
     """Split by a stable hash, write Parquet shards + manifest + card; output: the records with `split`."""
 
     name = "shard"
-    version = "1"
+    version = "2"
     needs_all_input = True
     key_types = {"rl_fraction": (float, int), "salt": str, "target_shard_mb": (float, int),
-                 "compression": str, "output": str}
+                 "compression": str, "output": str, "allow_empty": bool}
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
@@ -234,16 +262,20 @@ class Shard(Stage):
                           str(self.config.get("salt", "") or ""))
         table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
         table = _with_provenance(table, ctx)
-        self.write_dataset(table, ctx)
-        return StageResult(table)
+        manifest = self.write_dataset(table, ctx)
+        output = str(self.config.get("output", "dataset"))
+        report = build_report(manifest, posixpath.join(ctx.run_uri, output), bool(self.config.get("allow_empty", False)),
+                              ctx.stage)
+        return StageResult(table, report=report)
 
-    def write_dataset(self, table: pa.Table, ctx: UnitContext) -> None:
-        """Write shards, manifest and card to a temporary folder, then swap it into place."""
+    def write_dataset(self, table: pa.Table, ctx: UnitContext) -> dict[str, Any]:
+        """Write shards, manifest and card to a temporary folder, then swap it into place; the manifest."""
         fs = ctx.filesystem
         output = str(self.config.get("output", "dataset"))
         final = posixpath.join(ctx.run_path, output)
-        if _existing_fingerprint(fs, final) == ctx.fingerprint:
-            return  # the same unit already committed this dataset: renaming again would change nothing
+        existing = _existing_manifest(fs, final)
+        if existing is not None and existing.get("fingerprint") == ctx.fingerprint:
+            return existing  # the same unit already committed this dataset: renaming again would change nothing
         tmp = posixpath.join(ctx.run_path, f".{output}.tmp-{ctx.fingerprint}-{ctx.attempt}")
         _remove(fs, tmp)
         compression = str(self.config.get("compression", "zstd"))
@@ -286,3 +318,4 @@ class Shard(Stage):
             fs.move(final, old)
         fs.move(tmp, final)
         _remove(fs, old)
+        return manifest
