@@ -158,3 +158,40 @@ def test_bad_vstar_records_name_file_record_and_field(tmp_path: Path):
     path.write_text(json.dumps([card]))
     (item,) = load_vstar(path)
     assert item.bboxes[0].timestamp == 2.0 and item.bboxes[0].frame_index == 60
+
+
+@pytest.mark.parametrize("answer, span", [
+    # the official prompt's own format, and the two spellings docs/evaluation.md names
+    ("<think>The ball is thrown at <t>40</t>s.</think><answer>From <t>41.2</t>s to <t>46.5</t>s</answer>", (41.2, 46.5)),
+    ("between 41.2 and 46 seconds", (41.2, 46.0)),
+    ("Start: 41.2s, End: 46.5s", (41.2, 46.5)),  # the official reads 41 and 46 (no word boundary before "s")
+    # whatever holds exactly two numbers, as the official's `extract_timestamps`
+    ("The event starts at 41.2 and ends at 46.5.", (41.2, 46.5)),
+    ("41.2 seconds until 46.5 seconds", (41.2, 46.5)),
+    ("[41.2, 46.5]", (41.2, 46.5)),
+    ("41.2-46.5", (41.2, 46.5)),
+    ("41 46", (41.0, 46.0)),
+    # m:ss clock times become seconds (the official: m * 60 + s)
+    ("From 0:41 to 0:46", (41.0, 46.0)),
+    ("It happens between 1:05 and 1:10.", (65.0, 70.0)),
+    # only the <answer> content counts, as the official's
+    ("<think>Frames 3, 4 and 5 show it.</think><answer>between 41.2 and 46 seconds</answer>", (41.2, 46.0)),
+    # numbers with a unit the official cannot see ("12s"): read here, a superset
+    ("Start: 41s, End: 46s", (41.0, 46.0)),
+    # a third number with a glued unit: counted as the official counts, which does not see "5s"
+    ("Start: 41.2 s, End: 46.5 s, about 5s in all", (41.2, 46.5)),
+    # a written span among other numbers: read here, rejected by the official (three numbers)
+    ("from 41 to 46 s, about 5 s", (41.0, 46.0)),
+])
+def test_vstar_span_reads_every_official_spelling(answer, span):
+    from train.eval.vstar import parse_span
+
+    assert parse_span(answer) == pytest.approx(span)
+
+
+@pytest.mark.parametrize("answer", ["about 41 seconds", "I do not know.", "", None,
+                                    "at 1, 2 or 3 seconds", "<think>from 41 to 46</think><answer>the whole video</answer>"])
+def test_vstar_span_needs_exactly_two_numbers_when_no_span_is_written(answer):
+    from train.eval.vstar import parse_span
+
+    assert parse_span(answer) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -105,6 +106,40 @@ def render_prompt(template: str, variables: Mapping[str, Any]) -> str:
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
+
+_CLOCK_IN_TEXT = re.compile(r"\d+(?::\d+){1,2}(?:\.\d+)?")
+_NUMBER_WITH_UNIT = re.compile(r"\b(\d+(?:\.\d+)?)(?:s|secs?|seconds?)?\b")
+_BARE_NUMBER = re.compile(r"\b(\d+(?:\.\d+)?)\b")
+
+
+def _clock_to_seconds(m: re.Match[str]) -> str:
+    seconds = evidence.parse_seconds(m.group(0))
+    return m.group(0) if seconds is None else f" {seconds} "
+
+
+def parse_span(text: str | None) -> tuple[float, float] | None:
+    """The span a temporal answer gives, in seconds, or None.
+
+    First the grammar's spellings (`evidence.parse_time_span`: `<t>3</t>s to <t>7</t>s`, `[3, 7]`,
+    `3 - 7 s`, clock times), then V-STaR's own rule (the official `extract_timestamps`): in the
+    `<answer>` content, clock times become seconds, and an answer holding exactly two numbers is the
+    span ("between 41.2 and 46 seconds", "Start: 41.2s, End: 46.5s"). Numbers are counted first with
+    a unit glued on, then as the official counts them (a number between word boundaries, which reads
+    "41.2s" as 41 and does not see "12s"): whenever the official finds a span this finds one, with
+    the same numbers except that the decimals of "41.2s" are kept.
+    """
+    if not text:
+        return None
+    span = evidence.parse_time_span(text)
+    if span is not None:
+        return span
+    body = _CLOCK_IN_TEXT.sub(_clock_to_seconds, evidence.answer_text(text))
+    for pattern in (_NUMBER_WITH_UNIT, _BARE_NUMBER):
+        numbers = pattern.findall(body)
+        if len(numbers) == 2:
+            return float(numbers[0]), float(numbers[1])
+    return None
+
 
 
 @dataclass(frozen=True)
@@ -240,7 +275,7 @@ class VStarEval:
             problems.append("vqa: the judge's reply is not a score 0-3")
         chains = {}
         for chain, t_kind, s_kind in ((1, "temporal_1", "spatial_1"), (2, "temporal_2", "spatial_2")):
-            span = evidence.parse_time_span(completions[t_kind]) if completions[t_kind] else None
+            span = parse_span(completions[t_kind])
             boxes = parse_boxes_by_time(completions[s_kind], frame)
             if completions[t_kind] is not None and span is None:
                 problems.append(f"{t_kind}: no time span in the answer")
