@@ -1,7 +1,8 @@
-"""`stgr eval`: a checkpoint on a V-STaR file or an STGR split -> per-sample JSON + Markdown report.
+"""`stgr eval`: a checkpoint on a V-STaR file, a multiple-choice video benchmark (Video-MME,
+WorldSense, VideoMMMU, or a generic file) or an STGR split -> per-sample JSON + Markdown report.
 
     OUT/results.json     every per-sample score and what was parsed from each answer, plus aggregates
-    OUT/report.md        the V-STaR table (or the STGR table) with per-domain/per-duration breakdowns
+    OUT/report.md        the V-STaR, benchmark or STGR table with the benchmark's breakdowns
     OUT/config.yaml      the resolved config of the latest run
     OUT/completions/     every model call's completion, one file each (see train/eval/store.py)
 
@@ -24,6 +25,8 @@ from pipeline.errors import ConfigError, InputError
 from stages.backends import Backend, make_backend
 from train.data import FramePolicy
 from train.eval.judge import JudgeCalls
+from train.eval.mcq_data import FORMATS as MCQ_FORMATS
+from train.eval.mcq_data import detect_format as detect_mcq_format
 from train.eval.report import vstar_groups, vstar_markdown
 from train.eval.runner import Runner
 from train.eval.store import CompletionStore, fingerprint
@@ -32,7 +35,7 @@ from train.eval.vstar_data import is_vstar_file, load_vstar
 
 log = logging.getLogger("stgr.eval")
 
-FORMATS = ("auto", "vstar", "stgr")
+FORMATS = ("auto", "vstar", "stgr", *MCQ_FORMATS)
 
 
 def load_config(model: str, data: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -81,10 +84,13 @@ def _build_backend(config: Mapping[str, Any], what: str) -> Backend:
 
 
 def detect_format(cfg: Mapping[str, Any]) -> str:
+    """`data.format`, or for `auto`: a benchmark in its published layout, a V-STaR file, else an
+    STGR split (the generic multiple-choice format `mcq` is never guessed: it needs `mcq.fields`)."""
     fmt = cfg["data"]["format"]
     if fmt != "auto":
         return fmt
-    return "vstar" if is_vstar_file(cfg["data"]["path"]) else "stgr"
+    path = cfg["data"]["path"]
+    return detect_mcq_format(path) or ("vstar" if is_vstar_file(path) else "stgr")
 
 
 def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -106,6 +112,10 @@ def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = 
         if not Path(cfg["data"]["video_dir"]).is_dir():
             raise InputError(f"data.video_dir: {cfg['data']['video_dir']} is not a directory")
         evaluation: Any = VStarEval(items, cfg, policy)
+    elif fmt in MCQ_FORMATS:
+        from train.eval.mcq import McqEval
+
+        evaluation = McqEval.from_config(fmt, cfg, policy)
     else:
         from train.eval.stgr import StgrEval
 
@@ -116,6 +126,8 @@ def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = 
                  "data": {k: cfg["data"].get(k) for k in ("fps", "max_frames", "system_prompt", "instruction")},
                  "generation": {"max_new_tokens": cfg["generation"]["max_new_tokens"]},
                  "vstar": cfg["vstar"], "tts": cfg["tts"]}
+    if fmt in MCQ_FORMATS:
+        model_key["mcq"] = {k: cfg["mcq"].get(k) for k in ("instruction", "hints")}
     backend = _build_backend(model_backend_config(cfg), "backend")
     runner = Runner(backend, CompletionStore(out, fingerprint(model_key)), int(cfg["generation"]["batch_size"]))
     judge_config = judge_backend_config(cfg)
@@ -142,6 +154,11 @@ def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = 
         result["summary"] = vstar_groups(samples)
         result["samples"] = samples
         markdown = vstar_markdown(result)
+    elif fmt in MCQ_FORMATS:
+        from train.eval.mcq import mcq_markdown
+
+        result.update(summary=evaluation.summary(samples), skipped=evaluation.data.skipped, samples=samples)
+        markdown = mcq_markdown(result)
     else:
         from train.eval.stgr import stgr_markdown, stgr_summary
 

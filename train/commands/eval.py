@@ -12,17 +12,19 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="evaluate a model on a V-STaR file or an STGR split",
+        "eval", help="evaluate a model on V-STaR, Video-MME, WorldSense, VideoMMMU or an STGR split",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint directory or hub id of the model under test")
     parser.add_argument("--data", required=True,
-                        help="a V-STaR annotation JSON, or an STGR dataset (run dir, dataset dir or split dir)")
+                        help="a V-STaR annotation JSON, a benchmark file or folder (Video-MME, WorldSense, "
+                             "VideoMMMU, generic with data.format=mcq), or an STGR dataset (run, dataset or split dir)")
     parser.add_argument("--out", required=True, help="output directory (results.json, report.md, completions/)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.video_dir=videos/ tts.num_samples=8")
     parser.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
+    from train.eval.mcq_data import TITLES
     from train.evaluate import run_eval
 
     result = run_eval(args.model, args.data, args.out, args.overrides)
@@ -31,6 +33,9 @@ def handler(args: argparse.Namespace) -> int:
         print(f"V-STaR: {overall['n']} items, Acc {100 * overall['acc']:.1f}, "
               f"mAM {100 * overall.get('mAM', 0.0):.1f}, mLGM {100 * overall.get('mLGM', 0.0):.1f}; "
               f"report: {args.out}/report.md")
+    elif result["format"] in TITLES:
+        print(f"{TITLES[result['format']]}: {overall['n']} questions, Acc {100 * overall['acc']:.1f}, "
+              f"{overall['unparsed']} unparsed; report: {args.out}/report.md")
     else:
         print(f"STGR: {overall['n']} records, accuracy {100 * overall['acc']:.1f}; report: {args.out}/report.md")
     return 0
