@@ -234,3 +234,21 @@ def test_export_names_the_record_whose_answer_the_released_layout_cannot_hold(tm
     with pytest.raises(InputError, match=r"field 'answer' \('the red one'\) holds no option letter"):
         export_open_o3([make_record(0, task="general_mcq", options=["A. x", "B. y"], answer="the red one")],
                        str(tmp_path / "b"))
+
+
+def test_export_for_the_released_sft_script_leaves_out_temporal_mcq(tmp_path, capsys):
+    """The released SFT script has no `temporal QA (MCQ)` branch (`sft_multi_task.py`,
+    `prepare_dataset` raises `Unknown task`): `--tasks` exports an SFT file it can read."""
+    import pyarrow.parquet as pq
+
+    from stages.schema import to_table
+
+    pq.write_table(to_table(_every_task(split="sft")), tmp_path / "records.parquet")
+    keep = [t for t in TASKS if t != "temporal_mcq"]
+    out = tmp_path / "o3"
+    assert main(["export", str(tmp_path / "records.parquet"), "--format", "open-o3", "--split", "sft",
+                 "--out", str(out), "--tasks", *keep]) == 0
+    entries = json.loads((out / "STGR-SFT.json").read_text())
+    assert sorted(e["stgr"]["task"] for e in entries) == sorted(r["task"] for r in _every_task() if r["task"] in keep)
+    assert "temporal QA (MCQ)" not in {e["task"] for e in entries}
+    assert f"{out}: STGR-SFT.json: 6 records" in capsys.readouterr().out

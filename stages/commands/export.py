@@ -18,12 +18,16 @@
   the normalised frame the system prompt asks for), so `train/rewards.py`'s `compute_score` scores
   verl's rollouts with the paper's rewards unchanged.
 
-PATH is anything `stgr inspect` takes; `--split` keeps one split.
+PATH is anything `stgr inspect` takes; `--split` keeps one split, `--tasks` only the tasks named (the
+released SFT script has no `temporal QA (MCQ)` branch and raises on such entries: export its file
+without `temporal_mcq`).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -39,6 +43,7 @@ from stages.backends import LabelledImage
 from stages.chat_layout import frames_text
 from stages.commands._records import locate
 from stages.geometry import CANONICAL
+from stages.schema import TASKS
 from stages.targets import reward_target
 
 OPEN_O3_TASKS: dict[str, str] = {
@@ -95,6 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="output format")
     p.add_argument("--out", required=True, help="open-o3: output folder; verl: output .parquet file")
     p.add_argument("--split", choices=["sft", "rl"], default=None, help="export only this split")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
+                   help=f"export only records of these tasks ({', '.join(TASKS)})")
     p.set_defaults(func=handler)
 
 
@@ -243,7 +250,9 @@ EXPORTERS = {"open-o3": export_open_o3, "verl": export_verl}
 
 def handler(args: argparse.Namespace) -> int:
     located = locate(args.path)
-    where = pc.field("split") == args.split if args.split else None
+    conditions = ([pc.field("split") == args.split] if args.split else []) + \
+        ([pc.field("task").isin(args.tasks)] if args.tasks else [])
+    where = functools.reduce(operator.and_, conditions) if conditions else None
     counts = EXPORTERS[args.format](located.iter_records(where), args.out)
     for name, n in counts.items():
         print(f"{args.out}: {name}: {n} records")
