@@ -8,6 +8,7 @@ the Video-MME file end to end through the real transformers path, and a rerun ma
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 from pathlib import Path
@@ -199,6 +200,23 @@ def test_worldsense_published_json_layout(tmp_path, fixtures_dir):
     assert {v: g["n"] for v, g in by["audio_class"].items()} == {"Event": 2, "Speech": 2}  # a list: counted in each
     assert list(by) == ["duration", "domain", "sub_category", "task_domain", "task_type", "audio_class"]
     assert result["skipped"][0]["message"].endswith(f"video '{A}' task3: field 'answer': 'F' is not one of the options A-D")
+
+    # The same questions as the released script reads them: WorldSense.tsv, lists written as Python literals.
+    tsv = tmp_path / "tsv" / "WorldSense.tsv"
+    tsv.parent.mkdir()
+    with open(tsv, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL)
+        writer.writerow(["index", "video", "question", "candidates", "answer", "duration", "domain", "sub_category",
+                         "task_domain", "task_type", "audio_class"])
+        for index, (question, answer, task_type) in enumerate([("What is heard?", "D", "Audio Recognition"),
+                                                               ("What is seen?", "A", "Scene Recognition")]):
+            writer.writerow([index, A, question, repr(task["candidates"]), answer, "<1min", "Daily Life", "Cooking",
+                             "Recognition", task_type, "['Speech', 'Event']"])
+    assert detect_format(tsv) == "worldsense"
+    from_tsv = load_mcq("worldsense", tsv.parent, {})
+    from_json = load_mcq("worldsense", root, {})
+    assert [(i.question, i.options, i.answer, i.groups) for i in from_tsv.items] == \
+        [(i.question, i.options, i.answer, i.groups) for i in from_json.items]
 
 
 def _png() -> bytes:

@@ -405,7 +405,7 @@ def _folder_files(path: Path, sub: str) -> tuple[list[Path], Path]:
         folder, files = path, _parquets(path)
     if not files:
         raise InputError(f"{path}: no Parquet file found (expected {sub}/test-00000-of-00001.parquet)")
-    root = folder.parent if folder.name == sub or folder.parent.name == sub else folder
+    root = next((p.parent for p in (folder, *folder.parents) if p.name == sub), folder)
     return files, root
 
 
