@@ -193,6 +193,11 @@ class BoxFrame:
             text = text.rstrip("0").rstrip(".")
         return "0" if text == "-0" else text
 
+    def time_tolerance(self) -> float:
+        """Half a unit of the last written digit of a `<t>` time, in seconds: the most that writing a
+        time (`format_time`) and reading it back may move it. Checks of written times allow exactly this."""
+        return 0.5 * 10.0 ** (-self.time_decimals)
+
     def tolerance(self) -> float:
         """Half a unit of the last written digit in canonical units, on the axis where that is larger:
         the largest error that rendering and parsing back may add to a canonical coordinate."""

@@ -11,6 +11,7 @@ import pytest
 from pipeline.errors import ConfigError, InputError
 from pipeline.registry import get_stage
 from pipeline.testing import unit_context
+from stages.align import name_agrees
 from stages.geometry import pixels_to_normalised, xywh_to_xyxy
 from stages.schema import RECORD_SCHEMA, TASKS
 from stages.sources import adapter_names, get_adapter
@@ -227,14 +228,21 @@ def test_synthetic_answers_agree_with_the_ground_truth(tmp_path: Path) -> None:
             assert record["answer"] in letters and len(set(record["options"])) == len(record["options"])
         for kf in record["key_frames"]:
             for obj in kf["objects"]:
-                track = next(o["track"] for o in record["gt"]["objects"] if o["name"] == obj["name"])
+                track = _owner(record, obj["name"])["track"]
                 assert {"t_s": kf["t_s"], "box": obj["box"]} in track
+
+
+def _owner(record: dict, name: str) -> dict:
+    """The ground-truth object a key-frame name refers to: a key frame names an object as it looks
+    there ("blue circle that was yellow"), the track keeps its identity ("yellow circle")."""
+    (owner,) = [o for o in record["gt"]["objects"] if o["name"] == name or name_agrees(name, o["name"])]
+    return owner
 
 
 def test_synthetic_ground_truth_lists_the_subject_first(tmp_path: Path) -> None:
     _, result = build(SYNTHETIC, tmp_path)
     for record in result.table.to_pylist():
-        named = [o["name"] for kf in record["key_frames"] for o in kf["objects"]]
+        named = [_owner(record, o["name"])["name"] for kf in record["key_frames"] for o in kf["objects"]]
         assert record["gt"]["objects"][0]["name"] == named[0]
         first = record["gt"]["spans"][0]
         if record["task"] in ("spatio_temporal", "temporal", "temporal_mcq"):

@@ -10,6 +10,14 @@ tables, not a prompt.
 Several phrasings per task; which one a record gets is a pure function of its id (`sha256(id)`),
 so a rebuild writes the same text, and records of one video do not all read alike.
 
+What a trace claims is true of the frame it cites, because SFT learns it as written and RL rewards
+it: a claim's name is the name the evidence gives the object at that frame (a source may name an
+object as it looks there), its box is the evidence box, its time is the evidence frame's time
+written inside the clip (`written_time`); "first appears" / "last seen" are said only of the first
+/ last time of the object's ground-truth track, and everything else is said without "first",
+"still" or "it" across objects. The answer is the record's own answer verbatim (letter, letter +
+span, span, box or text), so it scores full through the one answer scorer (stages/answers.py).
+
 The phrasebook also writes the question of a seed that has none (`write_question`): the annotate
 stage asks it before prompting any model, so every backend reasons about a question that follows
 from the ground truth.
@@ -18,9 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from typing import Any, Mapping, Sequence
 
+from stages.align import name_agrees
+from stages.answers import answer_truth
 from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
 from stages.evidence import Claim, render_claim
 from stages.geometry import CANONICAL
@@ -28,7 +39,7 @@ from stages.geometry import CANONICAL
 #: Phrase tables. Placeholders: {obj} object name, {cite} a rendered claim, {label} an event,
 #: {t}/{s}/{e} times as written in `<t>`, {answer} the answer text, {n} a count.
 PHRASES: dict[str, Any] = {
-    "version": "template-v1",
+    "version": "template-v2",
     "questions": {
         "spatio_temporal": [
             "When is the {obj} visible in the video, and where is it?",
@@ -58,9 +69,9 @@ PHRASES: dict[str, Any] = {
             "The question is about the {obj}, so I follow it across the frames.",
         ],
         "temporal": [
-            "I look for the frames where {label} starts and ends.",
-            "To find the span, I check when {label} begins and when it is over.",
-            "I scan the clip for the beginning and the end of {label}.",
+            "I look for the frames where this starts and where it ends: {label}.",
+            "To find the span, I check when this begins and when it is over: {label}.",
+            "I scan the clip for the beginning and the end of this: {label}.",
         ],
         "temporal_mcq": [
             "I check the order and timing of what happens in the clip.",
@@ -83,20 +94,27 @@ PHRASES: dict[str, Any] = {
             "I go through the frames that matter for the question.",
         ],
     },
+    # Only where the cited frame is the first / last time the object is in its ground truth.
     "first": [
         "It first appears as {cite}.",
         "The first sighting is {cite}.",
-        "I can see {cite}.",
-    ],
-    "middle": [
-        "Then {cite}.",
-        "It is still there: {cite}.",
-        "Later, {cite}.",
+        "It comes into view as {cite}.",
     ],
     "last": [
         "The last frame showing it is {cite}.",
-        "Finally, {cite}.",
         "It is last seen as {cite}.",
+        "Its last appearance is {cite}.",
+    ],
+    # Everywhere else: no claim about what came before or after.
+    "see": [
+        "I can see {cite}.",
+        "There is {cite}.",
+        "I find {cite}.",
+    ],
+    "then": [
+        "Then {cite}.",
+        "Later, {cite}.",
+        "After that, {cite}.",
     ],
     "span": [
         "It begins at <t>{s}</t>s and ends at <t>{e}</t>s.",
@@ -115,9 +133,14 @@ PHRASES: dict[str, Any] = {
             "So the time span is {s} s to {e} s.",
         ],
         "option": [
-            "This matches option {answer}.",
-            "So the correct option is {answer}.",
-            "Therefore the answer is {answer}.",
+            "This matches option {letter}.",
+            "So the correct option is {letter}.",
+            "Therefore the answer is {letter}.",
+        ],
+        "option_span": [
+            "This matches option {letter}, from {s} s to {e} s.",
+            "So the correct option is {letter}: {s} s to {e} s.",
+            "Therefore the answer is {letter}, the span from {s} s to {e} s.",
         ],
         "box": [
             "So the {obj} is at {answer}.",
@@ -144,6 +167,30 @@ def _time(seconds: float) -> str:
     return CANONICAL.format_time(seconds)
 
 
+def written_time(seconds: float, context: Mapping[str, Any]) -> float:
+    """`seconds` as a `<t>` writes it, never outside the record's clip: rounded to the written digits,
+    and rounded towards the inside where rounding would cross a clip bound (the clip end 18.018 s is
+    written 18.01, not 18.02). Frame times move by at most half a digit, far less than the gap
+    between two sampled frames, so a written claim still snaps to the frame it cites."""
+    lo = float(context.get("clip_start_s", -math.inf))
+    hi = float(context.get("clip_end_s", math.inf))
+    t = min(max(float(seconds), lo), hi)
+    value = float(_time(t))
+    scale = 10 ** CANONICAL.time_decimals
+    if value > hi:
+        value = math.floor(t * scale) / scale
+    elif value < lo:
+        value = math.ceil(t * scale) / scale
+    return value
+
+
+def _sentence(template: str, **words: Any) -> str:
+    """A phrase filled in; a filled-in text that ends a sentence itself ("... a camera.") is not
+    followed by a second full stop."""
+    text = template.format(**words)
+    return text[:-1] if text.endswith(("..", "?.", "!.")) else text
+
+
 def _subject(context: Mapping[str, Any]) -> str | None:
     """The object the question is about: the first ground-truth object with a track."""
     objects = context.get("objects") or []
@@ -156,12 +203,24 @@ def _event_label(context: Mapping[str, Any]) -> str | None:
     return str(spans[0]["label"]) if spans and spans[0].get("label") else None
 
 
+def _identity(name: str, context: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The one ground-truth object (with a track) a cited name refers to, or None where it is not
+    one: the object of that name, else the only object the name names in align's sense (a key
+    frame names an object as it looks there: "blue circle that was yellow" names "yellow circle")."""
+    objects = context.get("objects") or []
+    exact = [o for o in objects if o["name"] == name]
+    if exact:
+        return exact[0] if len(exact) == 1 else None
+    named = [o for o in objects if name_agrees(name, o["name"])]
+    return named[0] if len(named) == 1 else None
+
+
 def write_question(context: Mapping[str, Any]) -> str:
     """A question that follows from the ground truth, for a seed without one.
 
     The annotate stage calls it before prompting any backend. Raises ValueError naming the record and
     what is missing where the ground truth cannot support a question (multiple-choice and open
-    questions need the source's own question and options).
+    questions need the source's question and options).
     """
     task, rid = context["task"], str(context.get("id"))
     questions = PHRASES["questions"]
@@ -186,17 +245,25 @@ def write_question(context: Mapping[str, Any]) -> str:
     return rng.choice(questions[task]).format(obj=subject)
 
 
-def _cites(context: Mapping[str, Any], name: str | None) -> list[str]:
-    """Rendered claims of `name` (all objects when None) at the evidence times, in time order."""
+Entry = tuple[float, list[tuple[str, str]]]
+"""A cited evidence time (the ground truth's) and the claims at it: (name, rendered claim)."""
+
+
+def _entries(context: Mapping[str, Any], subject: str | None) -> list[Entry]:
+    """The evidence in time order, each time with the claims of the objects that are `subject` or
+    name it (all objects when `subject` is None); claims are written with `written_time`."""
     out = []
     for entry in context.get("evidence") or []:
-        for obj in entry["objects"]:
-            if name is None or obj["name"] == name:
-                out.append(render_claim(Claim(obj["name"], (tuple(obj["box"]),), entry["t_s"]), CANONICAL))
+        t = written_time(entry["t_s"], context)
+        claims = [(obj["name"], render_claim(Claim(obj["name"], (tuple(obj["box"]),), t), CANONICAL))
+                  for obj in entry["objects"]
+                  if subject is None or obj["name"] == subject or name_agrees(obj["name"], subject)]
+        if claims:
+            out.append((float(entry["t_s"]), claims))
     return out
 
 
-def _spread(items: Sequence[str], limit: int) -> list[str]:
+def _spread(items: Sequence[Any], limit: int) -> list[Any]:
     """At most `limit` items: the first, the last and evenly spaced ones between."""
     if len(items) <= limit:
         return list(items)
@@ -204,42 +271,69 @@ def _spread(items: Sequence[str], limit: int) -> list[str]:
     return [items[round(i * step)] for i in range(limit)]
 
 
+def _cite_sentences(context: Mapping[str, Any], entries: Sequence[Entry], rng: random.Random) -> list[str]:
+    """One sentence per cited time. "first appears" / "last seen" are written only where they are
+    true: every claim is of one ground-truth object and the cited time is the first / last time of
+    its track; elsewhere a sentence says only what its frame shows."""
+    cited = [_identity(name, context) for _, claims in entries for name, _ in claims]
+    single = cited[0] if cited and cited[0] is not None and all(o is cited[0] for o in cited) else None
+    out = []
+    previous: float | None = None
+    for t, claims in entries:
+        if single is not None and abs(t - single["first_s"]) < 1e-6:
+            slot = "first"
+        elif single is not None and abs(t - single["last_s"]) < 1e-6:
+            slot = "last"
+        else:
+            slot = "then" if previous is not None and t > previous else "see"
+        out.append(_sentence(rng.choice(PHRASES[slot]), cite=" and ".join(text for _, text in claims)))
+        previous = t
+    return out
+
+
 def write_response(context: Mapping[str, Any], max_cites: int = 3) -> str:
     """The full `<think>…</think><answer>…</answer>` text for one record's context.
 
-    Raises RequestFailed (the record goes to the ledger) where the ground truth does not determine
-    the answer: a multiple-choice or open question whose seed gives no answer.
+    The answer is the record's own answer, verbatim, so it scores full through `stages.answers`;
+    the reasoning restates it (letter, span, box or text), cites the ground-truth boxes at their
+    sampled frames, and writes every time inside the clip. Raises RequestFailed (the record goes to
+    the ledger) where the ground truth does not determine the answer: a multiple-choice or open
+    question whose seed gives no answer.
     """
     task, rid, kind = context["task"], str(context.get("id")), context["answer_kind"]
+    answer = context.get("answer")
+    if answer is None:
+        raise RequestFailed(f"record {rid}: no ground-truth answer (field 'answer' is empty and 'gt' does not "
+                            f"determine a {task} answer); the template annotator only restates the truth")
     rng = _rng(rid, "response")
     evidence = context.get("evidence") or []
     subject = _subject(context)
     if task == "spatial" and evidence:
         subject = evidence[0]["objects"][0]["name"]
     label = _event_label(context)
-    words = {"obj": subject or "object", "label": label or "the event"}
-    sentences = [rng.choice(PHRASES["openers"][task]).format(**words)]
+    words: dict[str, Any] = {"obj": subject or "object", "label": label or "the event", "answer": answer}
+    sentences = [_sentence(rng.choice(PHRASES["openers"][task]), **words)]
 
-    cites = _cites(context, subject if kind in ("span", "box") and subject else None)
-    cites = cites[:1] if task == "spatial" else _spread(cites, max_cites)
-    for i, cite in enumerate(cites):
-        slot = "first" if i == 0 else ("last" if i == len(cites) - 1 else "middle")
-        sentences.append(rng.choice(PHRASES[slot]).format(cite=cite))
+    entries = _entries(context, subject if kind in ("span", "box") and subject else None)
+    entries = entries[:1] if task == "spatial" else _spread(entries, max_cites)
+    sentences += _cite_sentences(context, entries, rng)
 
-    answer = context.get("answer")
-    if answer is None:
-        raise RequestFailed(f"record {rid}: no ground-truth answer (field 'answer' is empty and 'gt' does not "
-                            f"determine a {task} answer); the template annotator only restates the truth")
+    truth = answer_truth(task, answer, context.get("options"), context.get("answer_span"))
+    span = context.get("answer_span") if kind == "span" and context.get("answer_span") is not None else truth.span
     closer = kind
-    span = context.get("answer_span")
-    if kind == "span" and span is not None:
-        words.update(s=_time(span[0]), e=_time(span[1]))
+    if kind in ("span", "option_span") and span is not None:
+        words.update(s=_time(written_time(span[0], context)), e=_time(written_time(span[1], context)))
         table = PHRASES["span"] if label else PHRASES["span_object"]
-        sentences.append(rng.choice(table).format(**words))
-        closer = "span" if answer == f"[{words['s']}, {words['e']}]" else "text"
-    elif kind == "span":
+        sentences.append(_sentence(rng.choice(table), **words))
+        if truth.span is not None:  # the closer restates the answer's own span, as the answer writes it
+            words.update(s=_time(truth.span[0]), e=_time(truth.span[1]))
+        if kind == "span" and answer != f"[{words['s']}, {words['e']}]":
+            closer = "text"  # the answer is written otherwise than "[s, e]": restate it as written
+    elif kind in ("span", "option_span"):
         closer = "text"
-    sentences.append(rng.choice(PHRASES["closers"][closer]).format(answer=answer, **words))
+    if closer in ("option", "option_span"):
+        words["letter"] = truth.letter
+    sentences.append(_sentence(rng.choice(PHRASES["closers"][closer]), **words))
     return f"<think>{' '.join(sentences)}</think><answer>{answer}</answer>"
 
 

@@ -14,6 +14,13 @@ Each scene becomes up to one record per task in `tasks`, all about the same vide
   appear, which one enters last), answer a letter;
 - `general_free`: a description of one object's behaviour with its event times.
 Options are written `"A. text"`, `"B. text"`, ...; the answer of a multiple-choice task is the letter.
+
+Names: questions, answers, options and `gt.objects[].name` use an object's identity (its colour when
+first in view and its shape, "yellow circle"); key-frame objects are named as they look in their
+frame ("blue circle that was yellow" after a colour change), so a trace citing a key frame names
+what that frame shows. Every box is the tight box of the shape's pixels inside the frame, and only a
+shape with at least `min_visible_fraction` of its pixels inside the frame is in the ground truth
+(tracks, key frames, spans, events) of that frame: no sliver at the edge is ever a box to claim.
 Videos are rendered on the worker that builds the partition, into `<run>/media/synthetic/<params>/`
 (or `media_dir`), under a name that encodes every parameter that changes pixels.
 """
@@ -32,6 +39,12 @@ from stages.sources.base import Adapter, make_record, media, register_adapter
 from stages.sources.synthetic_world import COLOURS, Event, Scene, encode_mp4, render, simulate
 
 LETTERS = "ABCDEFGH"
+#: Default share of a shape's pixels that must be inside the frame for it to be in view (config
+#: `min_visible_fraction`): below it, a shape at the edge is in no track, key frame, span or event.
+MIN_VISIBLE_FRACTION = 0.25
+#: Bumped when the same parameters would render different pixels (part of the media folder's name,
+#: so videos rendered by an older world are never reused).
+WORLD_VERSION = 2
 
 
 def _num(t: float) -> str:
@@ -83,7 +96,7 @@ class _Context:
             side = f" through the {event.detail['edge']}" if event.detail.get("edge") else ""
             return f"the {a} leaves the scene{side}"
         if event.kind == "stops":
-            return f"the {a} stops moving"
+            return f"the {a} stands still"
         if event.kind == "changes_colour":
             return f"the {a} turns {event.detail['to']}"
         return f"the {a} touches the {event.objects[1]}"
@@ -183,7 +196,8 @@ def _spatial(c: _Context) -> dict[str, Any] | None:
     name, frame = c.pick(candidates)
     t = scene.time(frame)
     key = c.key_frame(t, [name])
-    return {"question": f"Where is the {name} at {_num(t)} s? Answer with its box [x1, y1, x2, y2] in coordinates "
+    seen_as = scene.appearance(scene.object(name), frame)  # the question names what the frame shows
+    return {"question": f"Where is the {seen_as} at {_num(t)} s? Answer with its box [x1, y1, x2, y2] in coordinates "
                         f"normalised to the frame.",
             "answer": _box_text(key["objects"][0]["box"]), "answer_span": None, "key_frames": [key]}
 
@@ -300,6 +314,9 @@ class SyntheticAdapter(Adapter):
         pair("duration_s", 2.0, 600.0)
         pair("num_objects", 1, len(COLOURS) - 1)
         pair("object_size", 8, min(config["width"], config["height"]) // 3)
+        fraction = config.get("min_visible_fraction", MIN_VISIBLE_FRACTION)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            problems.append(f"min_visible_fraction: expected a number in [0, 1], got {fraction!r}")
         unknown = [t for t in config.get("tasks") or () if t not in TASKS]
         if unknown or not config.get("tasks"):
             problems.append(f"tasks: expected a non-empty list of {list(TASKS)}, got {config.get('tasks')!r}")
@@ -318,11 +335,13 @@ class SyntheticAdapter(Adapter):
     def _params(self) -> dict[str, Any]:
         return {"width": int(self.config["width"]), "height": int(self.config["height"]),
                 "fps": float(self.config["fps"]), "duration_s": tuple(self.config["duration_s"]),
-                "num_objects": tuple(self.config["num_objects"]), "object_size": tuple(self.config["object_size"])}
+                "num_objects": tuple(self.config["num_objects"]), "object_size": tuple(self.config["object_size"]),
+                "min_visible_fraction": float(self.config.get("min_visible_fraction", MIN_VISIBLE_FRACTION))}
 
     def media_dir(self, ctx: UnitContext) -> tuple[str, str]:
         """(uri prefix, filesystem path) of the folder for this parameter set's videos."""
-        params = {"seed": int(self.config["seed"]), **self._params(), "crf": int(self.config.get("crf", 18))}
+        params = {"seed": int(self.config["seed"]), **self._params(), "crf": int(self.config.get("crf", 18)),
+                  "world": WORLD_VERSION}
         digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
         if self.config.get("media_dir"):
             base = str(self.config["media_dir"])
@@ -354,9 +373,18 @@ class SyntheticAdapter(Adapter):
             written = WRITERS[task](c)
             if written is None:
                 continue
+            focused = _focus(gt, written)
+            written["key_frames"] = _as_seen(scene, written["key_frames"])
             records.append(make_record(source="synthetic", source_id=f"{seed}/{scene.name}", task=task,
-                                       media=declared, gt=_focus(gt, written), meta=meta, **written))
+                                       media=declared, gt=focused, meta=meta, **written))
         return records
+
+
+def _as_seen(scene: Scene, key_frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Key frames with each object named as it looks in that frame (`Scene.appearance`)."""
+    return [{"t_s": kf["t_s"], "objects": [
+        {**o, "name": scene.appearance(scene.object(o["name"]), scene.frame_at(kf["t_s"]))} for o in kf["objects"]]}
+        for kf in key_frames]
 
 
 def _focus(gt: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,18 @@ so every box and every event time is exact on that timeline: an event "happens" 
 where its condition holds. The same (seed, index) always gives the same scene, the same pixels and
 the same H.264 bytes (one encoder thread), which keeps a re-run unit's output identical.
 
-Boxes are integer pixel rectangles `[x, y, x + size, y + size]` of the shape's extent, clipped to
-the frame; shapes are drawn inside exactly those pixels, so the ground truth is the drawn extent.
+Every shape is one pixel mask, rasterised once per object; `render` paints exactly that mask, and
+the ground truth is read from it: a box is the tight pixel rectangle of the mask's pixels inside the
+frame (a shape half out of the frame gets the box of its visible half, not of its full extent; other
+shapes drawn over it are ignored), and the visible fraction is the share of the mask's pixels inside
+the frame. A shape is *in view* in a frame when that fraction is at least `min_visible_fraction`:
+tracks, key frames, events (enters, leaves, ...) and "first/last seen" all use that one definition,
+so a sliver at the edge is never claimed, and "enters at t" means "is first in view at t".
+
+A shape's `name` is its identity: its colour when first in view and its shape (shapes are unique in
+a scene, colours at the start too). `Scene.appearance` names it as it looks in one frame: the same
+name until it changes colour, then e.g. "blue circle that was yellow" (the new colour is one no
+other shape of the scene ever has), which names the object as seen there and still names it.
 """
 from __future__ import annotations
 
@@ -18,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.geometry import clip_boxes, has_positive_area, pixels_to_normalised
+from stages.geometry import pixels_to_normalised
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 38, 38),
@@ -45,13 +55,15 @@ class Event:
 
 @dataclass
 class SceneObject:
-    name: str  # colour at the start + shape, e.g. "red circle"; stays the object's name after a colour change
+    name: str  # identity: colour when first in view + shape, e.g. "red circle" (see Scene.appearance)
     shape: str
     size: int
     colours: np.ndarray  # (F,) index into COLOURS per frame
     xy: np.ndarray  # (F, 2) integer top-left corner per frame (may lie outside the frame)
-    visible: np.ndarray  # (F,) bool: some pixel of the shape is inside the frame
-    boxes: np.ndarray  # (F, 4) clipped pixel xyxy (meaningful where visible)
+    mask: np.ndarray  # (size, size) bool: the pixels of the shape, relative to its top-left corner
+    fraction: np.ndarray  # (F,) share of the mask's pixels inside the frame
+    visible: np.ndarray  # (F,) bool: in view, fraction >= the scene's min_visible_fraction
+    boxes: np.ndarray  # (F, 4) pixel xyxy of the mask's pixels inside the frame (meaningful where visible)
     entry_edge: str | None = None
     exit_edge: str | None = None
 
@@ -80,6 +92,13 @@ class Scene:
     def object(self, name: str) -> SceneObject:
         return next(o for o in self.objects if o.name == name)
 
+    def appearance(self, obj: SceneObject, frame: int) -> str:
+        """The object named as it looks in `frame`: its colour there and its shape, plus the colour
+        it was first seen in once that differs ("blue circle that was yellow")."""
+        names = list(COLOURS)
+        now, first = names[obj.colours[frame]], names[obj.colours[np.flatnonzero(obj.visible)[0]]]
+        return f"{now} {obj.shape}" if now == first else f"{now} {obj.shape} that was {first}"
+
     def normalised_box(self, obj: SceneObject, frame: int) -> list[float]:
         return [round(v, 6) for v in pixels_to_normalised(obj.boxes[frame], self.width, self.height)[0].tolist()]
 
@@ -90,8 +109,10 @@ class Scene:
 
 
 def simulate(seed: int, index: int, *, width: int, height: int, fps: float, duration_s: tuple[float, float],
-             num_objects: tuple[int, int], object_size: tuple[int, int]) -> Scene:
-    """Simulate scene `index` of the synthetic set drawn with `seed`: positions, colours and events."""
+             num_objects: tuple[int, int], object_size: tuple[int, int], min_visible_fraction: float = 0.25) -> Scene:
+    """Simulate scene `index` of the synthetic set drawn with `seed`: positions, colours and events.
+
+    A shape counts as in view where at least `min_visible_fraction` of its pixels are inside the frame."""
     rng = np.random.default_rng([seed, index])
     duration = float(rng.uniform(*duration_s))
     num_frames = max(2, int(round(duration * fps)))
@@ -103,7 +124,7 @@ def simulate(seed: int, index: int, *, width: int, height: int, fps: float, dura
     background = (shade, shade, min(255, shade + int(rng.integers(0, 16))))
     objects = [
         _simulate_object(rng, f"{colour_names[c]} {SHAPES[s]}", SHAPES[s], int(c), width, height, fps, num_frames,
-                         object_size, colours)
+                         object_size, colours, min_visible_fraction)
         for s, c in zip(shapes.tolist(), colours.tolist())
     ]
     objects = [o for o in objects if o.visible.any()]  # a shape that never made it into view is not in the scene
@@ -114,7 +135,8 @@ def simulate(seed: int, index: int, *, width: int, height: int, fps: float, dura
 
 
 def _simulate_object(rng: np.random.Generator, name: str, shape: str, colour: int, width: int, height: int, fps: float,
-                     num_frames: int, object_size: tuple[int, int], taken_colours: np.ndarray) -> SceneObject:
+                     num_frames: int, object_size: tuple[int, int], taken_colours: np.ndarray,
+                     min_visible_fraction: float) -> SceneObject:
     size = int(rng.integers(object_size[0], object_size[1] + 1))
     speed = float(rng.uniform(35.0, 75.0)) / fps  # pixels per frame
     duration = num_frames / fps
@@ -168,11 +190,55 @@ def _simulate_object(rng: np.random.Generator, name: str, shape: str, colour: in
                 if pos[axis] < 0 or pos[axis] + size > limit:
                     vel[axis] = -vel[axis]
                     pos[axis] = min(max(pos[axis], 0.0), limit - size)
-    boxes = np.concatenate([xy, xy + size], axis=1).astype(np.float64)
-    clipped = clip_boxes(boxes, width, height)
-    visible = has_positive_area(clipped)
-    return SceneObject(name=name, shape=shape, size=size, colours=colours, xy=xy, visible=visible, boxes=clipped,
-                       entry_edge=entry_edge, exit_edge=exit_edge if exit_edge and not visible[-1] else None)
+    mask = shape_mask(shape, size)
+    fraction, boxes = _visible_part(mask, xy, width, height)
+    visible = (fraction > 0) & (fraction >= min_visible_fraction)
+    return SceneObject(name=name, shape=shape, size=size, colours=colours, xy=xy, mask=mask, fraction=fraction,
+                       visible=visible, boxes=boxes, entry_edge=entry_edge,
+                       exit_edge=exit_edge if exit_edge and not visible[-1] else None)
+
+
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """The (size, size) bool pixel mask of a shape with its top-left corner at (0, 0): what `render`
+    paints, and what every box and visible fraction is measured on."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((0, 0, size - 1, size - 1), fill=255)
+    elif shape == "square":
+        draw.rectangle((0, 0, size - 1, size - 1), fill=255)
+    else:
+        draw.polygon(_outline(shape, 0, 0, size), fill=255)
+    return np.asarray(image) > 0
+
+
+def _visible_part(mask: np.ndarray, xy: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the share of `mask`'s pixels inside the frame when its corner is at `xy`, and the
+    tight pixel box `[x1, y1, x2, y2]` (exclusive ends) of those pixels (zeros where none are inside).
+
+    Counted from prefix sums of the mask's rows and columns, so the cost is (frames x size), not
+    (frames x size^2): a long, high-rate scene stays cheap to simulate."""
+    size = mask.shape[0]
+    x, y = xy[:, 0], xy[:, 1]
+    # the mask's columns / rows that fall inside the frame, per frame: [lo, hi)
+    col_lo, col_hi = np.clip(-x, 0, size), np.clip(width - x, 0, size)
+    row_lo, row_hi = np.clip(-y, 0, size), np.clip(height - y, 0, size)
+    index = np.arange(size)
+    by_row = np.concatenate([np.zeros((size, 1), np.int64), np.cumsum(mask, axis=1)], axis=1)  # (size, size + 1)
+    by_col = np.concatenate([np.zeros((size, 1), np.int64), np.cumsum(mask.T, axis=1)], axis=1)
+    row_counts = (by_row[:, col_hi] - by_row[:, col_lo]).T  # (F, size): mask pixels per row within the columns
+    row_counts = np.where((index >= row_lo[:, None]) & (index < row_hi[:, None]), row_counts, 0)
+    col_counts = (by_col[:, row_hi] - by_col[:, row_lo]).T
+    col_counts = np.where((index >= col_lo[:, None]) & (index < col_hi[:, None]), col_counts, 0)
+    count = row_counts.sum(axis=1)
+    rows, cols = row_counts > 0, col_counts > 0
+    boxes = np.stack([x + cols.argmax(axis=1), y + rows.argmax(axis=1),
+                      x + size - cols[:, ::-1].argmax(axis=1), y + size - rows[:, ::-1].argmax(axis=1)],
+                     axis=1).astype(np.float64)
+    boxes[count == 0] = 0.0
+    return count / mask.sum(), boxes
 
 
 def _outside_start(rng: np.random.Generator, edge: str, size: int, width: int, height: int, speed: float,
@@ -263,26 +329,19 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def render(scene: Scene) -> np.ndarray:
-    """All frames as a (F, H, W, 3) uint8 array."""
-    from PIL import Image, ImageDraw
-
-    colour_values = list(COLOURS.values())
+    """All frames as a (F, H, W, 3) uint8 array: each shape's mask painted in its colour of the frame,
+    in scene order (later shapes over earlier ones), wherever any pixel of it is inside the frame."""
+    colour_values = np.array(list(COLOURS.values()), dtype=np.uint8)
     frames = np.empty((scene.num_frames, scene.height, scene.width, 3), dtype=np.uint8)
-    for i in range(scene.num_frames):
-        image = Image.new("RGB", (scene.width, scene.height), scene.background)
-        draw = ImageDraw.Draw(image)
-        for obj in scene.objects:
-            if not obj.visible[i]:
-                continue
+    frames[:] = np.array(scene.background, dtype=np.uint8)
+    for obj in scene.objects:
+        size = obj.size
+        for i in np.flatnonzero(obj.fraction > 0).tolist():
             x, y = (int(v) for v in obj.xy[i])
-            fill = colour_values[obj.colours[i]]
-            if obj.shape == "circle":
-                draw.ellipse((x, y, x + obj.size - 1, y + obj.size - 1), fill=fill)
-            elif obj.shape == "square":
-                draw.rectangle((x, y, x + obj.size - 1, y + obj.size - 1), fill=fill)
-            else:
-                draw.polygon(_outline(obj.shape, x, y, obj.size), fill=fill)
-        frames[i] = np.asarray(image)
+            x0, y0 = max(x, 0), max(y, 0)
+            x1, y1 = min(x + size, scene.width), min(y + size, scene.height)
+            part = obj.mask[y0 - y:y1 - y, x0 - x:x1 - x]
+            frames[i, y0:y1, x0:x1][part] = colour_values[obj.colours[i]]
     return frames
 
 
