@@ -108,3 +108,38 @@ def test_each_rows_answer_scores_full_accuracy_as_reward_and_in_evaluation(built
         for sample in result["samples"]:
             assert sample["reward"]["accuracy"] == pytest.approx(1.0), sample["task"]
             assert sample["correct"], sample["task"]
+
+
+def test_the_built_rows_export_for_the_released_trainers_and_read_back(built, tmp_path: Path) -> None:
+    """`stgr export --format open-o3` of these rows: every entry's source takes the released RL trainer's
+    branch for its task, and `source=stgr_json` reads the files back with each row's ground truth."""
+    from pipeline.cli import main
+    from pipeline.testing import unit_context
+    from stages.sources.stgr_json import STGRJsonAdapter
+    from tests.test_commands_export import GROUND_TRUTH, released_rl_video_root
+
+    run, splits = built
+    assert main(["export", str(run), "--format", "open-o3", "--out", str(tmp_path / "o3")]) == 0
+    rows = {r["id"]: r for r in pd.concat(splits.values(), ignore_index=True).to_dict("records")}
+    read_back = 0
+    for name in ("STGR-SFT.json", "STGR-RL.json"):
+        path = tmp_path / "o3" / name
+        if not path.exists():
+            continue
+        entries = json.loads(path.read_text())
+        adapter = STGRJsonAdapter({"annotations": str(path), "video_dir": "/"})
+        for position, entry in enumerate(entries):
+            root = released_rl_video_root(entry["source"])
+            assert root == {"spatio_temporal": "STR_DATA", "temporal": "TVG_ROOT", "temporal_mcq": "TVG_ROOT",
+                            "general_mcq": "GENERAL_VIDEO_ROOT"}[entry["stgr"]["task"]]
+            (seed,) = adapter.seed(entry, position, unit_context(tmp_path / "ctx", stage="source"))
+            row = rows[entry["id"]]
+            for column in GROUND_TRUTH:
+                value = row[column]
+                expected = value.tolist() if hasattr(value, "tolist") else value
+                if column == "key_frames":
+                    expected = [{"t_s": kf["t_s"], "objects": [{"name": o["name"], "box": list(o["box"])}
+                                                               for o in kf["objects"]]} for kf in value]
+                assert seed[column] == expected, (row["task"], column)
+            read_back += 1
+    assert read_back == len(rows) == 4
