@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from pipeline.errors import ConfigError, InputError
 from stages import evidence, geometry
 from stages.backends import ChatRequest, LabelledImage
+from stages.answers import option_letter
 from train.data import FramePolicy, frame_from_dict, frame_to_dict, render_example
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import JudgeCalls
@@ -39,15 +40,16 @@ QUESTION_IMAGE_LABEL = "The image of the question:"
 
 
 def parse_choice(completion: str | None, num_options: int) -> tuple[str | None, str]:
-    """(the option letter, how it was read): the letter the `<answer>` gives (`B`, `(B)`, `B. …`,
-    `Answer: B`; the whole text when there is no `<answer>`), OUT_OF_OPTIONS for a letter past the
+    """(the option letter, how it was read): the letter the `<answer>` gives, read by the one answer
+    scorer's reader (`stages.answers.option_letter`: `B`, `(B)`, `B. …`, `Answer: B`; the whole text
+    when there is no `<answer>`), OUT_OF_OPTIONS for a letter past the
     last option (it is no option: it scores 0), UNPARSED for none, MISSING for no completion."""
     if completion is None:
         return None, MISSING
-    letter = evidence.parse_option_letter(completion, num_options)
+    letter = option_letter(completion, num_options)
     if letter is not None:
         return letter, PARSED
-    if evidence.parse_option_letter(completion) is not None:
+    if option_letter(completion) is not None:
         return None, OUT_OF_OPTIONS
     return None, UNPARSED
 
@@ -201,7 +203,7 @@ class McqEval:
         if samples:
             row["tts"] = tts_outcome(samples, self._duration(runner, item), self.cfg["tts"], self.answer_kind, num_options,
                                      lambda n, j, item=item: runner.completion(item.key, crop_kind(n, j)),
-                                     lambda c, item=item: evidence.parse_option_letter(c, num_options) == item.answer)
+                                     lambda c, item=item: option_letter(c, num_options) == item.answer)
         return row
 
     # report -------------------------------------------------------------------------------------
