@@ -41,7 +41,7 @@ from stages.sources.synthetic_world import COLOURS, Event, Scene, encode_mp4, re
 LETTERS = "ABCDEFGH"
 #: Default share of a shape's pixels that must be inside the frame for it to be in view (config
 #: `min_visible_fraction`): below it, a shape at the edge is in no track, key frame, span or event.
-MIN_VISIBLE_FRACTION = 0.25
+MIN_VISIBLE_FRACTION = 0.5
 #: Bumped when the same parameters would render different pixels (part of the media folder's name,
 #: so videos rendered by an older world are never reused).
 WORLD_VERSION = 2

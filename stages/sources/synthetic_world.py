@@ -109,7 +109,7 @@ class Scene:
 
 
 def simulate(seed: int, index: int, *, width: int, height: int, fps: float, duration_s: tuple[float, float],
-             num_objects: tuple[int, int], object_size: tuple[int, int], min_visible_fraction: float = 0.25) -> Scene:
+             num_objects: tuple[int, int], object_size: tuple[int, int], min_visible_fraction: float = 0.5) -> Scene:
     """Simulate scene `index` of the synthetic set drawn with `seed`: positions, colours and events.
 
     A shape counts as in view where at least `min_visible_fraction` of its pixels are inside the frame."""
