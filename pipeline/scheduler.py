@@ -97,6 +97,7 @@ class Scheduler:
         self._open = [0] * len(self._names)
         self._ready: list[list[int]] = [[] for _ in self._names]
         state, unmet = self._state, self._unmet
+        # Appended in ascending order, so each list is already a valid heap.
         for i in range(total):
             if state[i] != _DONE:
                 self._open[self._node_of[i]] += 1
