@@ -19,7 +19,7 @@ PROMPT = "Is this a {object}? Answer yes or no."
 
 
 def _aligned(tmp_path, n=2):
-    records = [make_record(i, with_jpeg=True, answer_span=[0.0, 5.0], response=grounded_response(1.0)) for i in range(n)]
+    records = [make_record(i, with_jpeg=True, answer=None, answer_span=[0.0, 5.0], response=grounded_response(1.0)) for i in range(n)]
     return Align({}).process(to_table(records), unit_context(tmp_path, stage="align")).table
 
 
