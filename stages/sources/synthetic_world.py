@@ -16,7 +16,8 @@ so a sliver at the edge is never claimed, and "enters at t" means "is first in v
 A shape's `name` is its identity: its colour when first in view and its shape (shapes are unique in
 a scene, colours at the start too). `Scene.appearance` names it as it looks in one frame: the same
 name until it changes colour, then e.g. "blue circle that was yellow" (the new colour is one no
-other shape of the scene ever has), which names the object as seen there and still names it.
+shape of the scene starts with, and the shape word alone is unique), which names the object as
+seen there and still names it.
 """
 from __future__ import annotations
 
