@@ -23,10 +23,10 @@ import pyarrow.compute as pc
 
 from pipeline.registry import register_stage
 from pipeline.stage import Stage, StageResult, UnitContext, record_error
-from stages import evidence
-from stages.answers import score_record_answer
-from stages.geometry import assign_max, box_iou
-from stages.schema import SCORES, conform
+from stages.lib import evidence
+from stages.lib.answers import score_record_answer
+from stages.lib.geometry import assign_max, box_iou
+from stages.lib.schema import SCORES, conform
 
 #: Columns align reads; the rest of a partition (frame JPEGs above all) is never converted to Python.
 INPUT_COLUMNS = ("id", "task", "frames", "options", "answer", "answer_span", "key_frames", "gt",

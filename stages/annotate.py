@@ -4,7 +4,7 @@ Each record becomes one `ChatRequest`: its sampled frames (JPEG, labelled `Frame
 task's prompt template from the versioned prompt set (`conf/prompts/`), rendered with the record's
 ground truth. The backend (`annotator.backend`: template, transformers, vllm, openai, ...) is built
 once per actor in `setup()`. Responses are looked up in, and written to, the run's response cache
-(`stages/response_cache.py`) one batch at a time, so a unit killed halfway has paid once for what it
+(`stages/lib/response_cache.py`) one batch at a time, so a unit killed halfway has paid once for what it
 got, and its retry or a resumed build pays only for the rest.
 
 What the stage writes:
@@ -39,13 +39,13 @@ import pyarrow as pa
 
 from pipeline.registry import register_stage
 from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_error
-from stages import evidence
+from stages.lib import evidence
 from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed, load_backends, make_backend
 from stages.backends.template import write_question
-from stages.geometry import CANONICAL
-from stages.response_cache import ResponseCache
-from stages.answers import KINDS, record_answer_kind
-from stages.schema import TASKS, to_table
+from stages.lib.geometry import CANONICAL
+from stages.lib.response_cache import ResponseCache
+from stages.lib.answers import KINDS, record_answer_kind
+from stages.lib.schema import TASKS, to_table
 
 PROMPT_PARTS = ("system", "format", "common", "tasks", "answer_hints")
 

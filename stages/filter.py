@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 
 from pipeline.registry import register_stage
 from pipeline.stage import Rejection, Stage, StageResult, UnitContext
-from stages.geometry import CANONICAL, area_fraction, has_positive_area
-from stages.schema import TASKS, conform
+from stages.lib.geometry import CANONICAL, area_fraction, has_positive_area
+from stages.lib.schema import TASKS, conform
 
 
 def _floats(array: pa.Array) -> np.ndarray:
@@ -154,7 +154,7 @@ class TimeInClip(Rule):
     """`threshold` is extra slack in seconds; on top of it, a time may miss the clip by the rounding of
     its written digits (`CANONICAL.time_tolerance()`, 0.005 s): the clip end 18.018 s written as
     18.02 is the clip end, not a time outside it. That one tolerance is defined next to the code that
-    writes times (stages/geometry.py), so writing and checking cannot disagree."""
+    writes times (stages/lib/geometry.py), so writing and checking cannot disagree."""
 
     name = "time_in_clip"
     description = ("every <t> of the trace lies inside the clip, within the rounding of its written digits "
@@ -237,7 +237,7 @@ class AnswerAgrees(Rule):
     """Thresholds per task (a mapping with an optional `default`), or one number for all tasks."""
 
     name = "answer_agrees"
-    description = "the response's answer agrees with the ground truth (stages.answers: letter, letter+span, span tIoU, box IoU or ROUGE)"
+    description = "the response's answer agrees with the ground truth (stages.lib.answers: letter, letter+span, span tIoU, box IoU or ROUGE)"
     threshold = {"temporal_mcq": 0.75, "general_mcq": 1.0, "default": 0.5}
 
     def threshold_for(self, task: str) -> float:

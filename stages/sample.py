@@ -33,8 +33,8 @@ import pyarrow as pa
 
 from pipeline.registry import register_stage
 from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext, iter_records, record_error
-from stages.geometry import has_positive_area, is_inside
-from stages.schema import to_table
+from stages.lib.geometry import has_positive_area, is_inside
+from stages.lib.schema import to_table
 
 DECODE_CHUNK = 32  # frames decoded per get_batch call: bounds memory on large videos
 

@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.registry import register_stage
 from pipeline.stage import LEDGER_SCHEMA, Stage, StageReport, StageResult, UnitContext
-from stages.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, conform
+from stages.lib.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, conform
 
 #: Split value in the `split` column -> dataset sub-directory (the names of the released STGR sets).
 SPLIT_DIRS: dict[str, str] = {"sft": "stgr-cot", "rl": "stgr-rl"}

@@ -30,8 +30,8 @@ from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_er
 from stages.align import GroundTruth, check_time
 from stages.annotate import FrameReader
 from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed, make_backend
-from stages.response_cache import ResponseCache
-from stages.schema import SCORES, conform
+from stages.lib.response_cache import ResponseCache
+from stages.lib.schema import SCORES, conform
 
 CACHE_SUBDIR = "cache/verify"
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stages.schema import record_id
+from stages.lib.schema import record_id
 
 WIDTH, HEIGHT, FPS, DURATION = 320, 240, 10.0, 6.0
 FRAME_TIMES = [round(0.5 * k, 3) for k in range(12)]  # 2 fps over 0..5.5 s
@@ -105,10 +105,10 @@ def build_run(run, n: int = 12) -> dict[str, Any]:
     from pipeline.testing import unit_context
     from stages.align import Align
     from stages.filter import Filter
-    from stages.schema import to_table
+    from stages.lib.schema import to_table
     from stages.shard import Shard
 
-    from stages.evidence import split_sections
+    from stages.lib.evidence import split_sections
 
     responses = [grounded_response(1.0 + (i % 4), shift=0.4 if i % 3 == 0 else 0.0) for i in range(n)]
     # as annotate leaves them: the raw response, and its <think> part as the reasoning

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.testing import unit_context
 from stages.align import Align, align_record, name_agrees, snap
-from stages.schema import RECORD_SCHEMA, SCORES, to_table
+from stages.lib.schema import RECORD_SCHEMA, SCORES, to_table
 from tests.record_factory import SQUARE_BOX, circle_box, make_record
 
 import numpy as np

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from pipeline.testing import unit_context
-from stages import evidence
+from stages.lib import evidence
 from stages.annotate import AnnotateStage, FrameReader, PromptSet, record_context
 from stages.backends.template import PHRASES_SHA
-from stages.response_cache import ResponseCache
-from stages.schema import TASKS, to_table
+from stages.lib.response_cache import ResponseCache
+from stages.lib.schema import TASKS, to_table
 
 REPO = Path(__file__).resolve().parents[1]
 

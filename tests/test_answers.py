@@ -1,10 +1,10 @@
-"""The one answer scorer (stages.answers): the kind comes from the record's answer, not its task."""
+"""The one answer scorer (stages.lib.answers): the kind comes from the record's answer, not its task."""
 from __future__ import annotations
 
 import pytest
 
-from stages.answers import answer_kind, rouge_score, score_answer
-from stages.geometry import BoxFrame
+from stages.lib.answers import answer_kind, rouge_score, score_answer
+from stages.lib.geometry import BoxFrame
 
 CAPTION = "an adult wearing a black hat uses a camera."
 

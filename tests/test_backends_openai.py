@@ -22,9 +22,9 @@ import pytest
 from pipeline.testing import unit_context
 from stages.annotate import AnnotateStage, FrameReader
 from stages.backends import ChatRequest, LabelledImage, RequestFailed, make_backend
-from stages.chat_layout import IMAGE_END, LABEL_END, frames_content, frames_text
-from stages.response_cache import ResponseCache
-from stages.schema import to_table
+from stages.lib.chat import IMAGE_END, LABEL_END, frames_content, frames_text
+from stages.lib.response_cache import ResponseCache
+from stages.lib.schema import to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
 
 MAX_NEW_TOKENS = 12
@@ -35,7 +35,7 @@ def request_from_body(body: dict[str, Any]) -> ChatRequest:
 
     The text before each image, less `LABEL_END`, is its label; the text part right after an image must
     be `IMAGE_END`; the rest is the prompt. Raises ValueError (the server answers 400) unless the user
-    turn is exactly `stages.chat_layout`'s layout of what was read back, so a backend that drifts
+    turn is exactly `stages.lib.chat`'s layout of what was read back, so a backend that drifts
     from the layout training renders fails every request here."""
     system = None
     labels, jpegs, text, content = [], [], "", []
@@ -56,7 +56,7 @@ def request_from_body(body: dict[str, Any]) -> ChatRequest:
             text += part["text"]
     received = [{"type": "image"} if part["type"] == "image_url" else part for part in content]
     if received != frames_content(labels, text):
-        raise ValueError(f"user turn is not in stages.chat_layout's layout: {received!r}")
+        raise ValueError(f"user turn is not in stages.lib.chat's layout: {received!r}")
     return ChatRequest(prompt=text, images=tuple(LabelledImage(j, label) for j, label in zip(jpegs, labels)),
                        system=system, max_new_tokens=body["max_tokens"], temperature=body["temperature"],
                        top_p=body["top_p"], seed=body["seed"])
@@ -66,7 +66,7 @@ class TinyModelServer:
     """POST /v1/chat/completions answered by the tiny model. `fail(body_sha, attempt, body)` may return
     an HTTP status to answer with ("500", "429", ...), "timeout" (hang past the client's timeout) or
     None (answer normally). Counts calls per body, and successful answers per body; keeps the bodies
-    it answers (`bodies`), and answers 400 to a body not in `stages.chat_layout`'s layout."""
+    it answers (`bodies`), and answers 400 to a body not in `stages.lib.chat`'s layout."""
 
     def __init__(self, model_dir: str, fail: Callable[[str, int, dict[str, Any]], str | None] | None = None,
                  api_key: str | None = None, client_timeout_s: float = 8.0, hang_s: float = 9.0,
@@ -204,7 +204,7 @@ def test_annotate_through_a_real_local_endpoint_and_never_pays_twice(tmp_path, t
         request = stage.request_for(records[0], FrameReader(64))
         row0 = next(r for r in rows if r["id"] == records[0]["id"])
         assert row0["response"] == local.generate([request])[0]
-        # ... sent in stages.chat_layout's layout: `label image` pairs, one a line, then the prompt
+        # ... sent in stages.lib.chat's layout: `label image` pairs, one a line, then the prompt
         (body,) = [b for b in server.bodies if request_from_body(b).images == request.images]
         shown = "".join(part["text"] if part["type"] == "text" else "<image>"
                         for part in body["messages"][-1]["content"])

@@ -7,7 +7,7 @@ from pipeline.testing import unit_context
 from stages.annotate import AnnotateStage, FrameReader
 from stages.backends import ChatRequest, LabelledImage, make_backend
 from stages.backends.transformers_backend import chat_messages
-from stages.schema import to_table
+from stages.lib.schema import to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
 
 

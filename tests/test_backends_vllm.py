@@ -24,14 +24,14 @@ vllm = pytest.importorskip("vllm")
 
 from pipeline.testing import unit_context  # noqa: E402
 from stages.annotate import AnnotateStage, FrameReader  # noqa: E402
-from stages.schema import to_table  # noqa: E402
+from stages.lib.schema import to_table  # noqa: E402
 from tests.test_annotate import annotator_config, jpeg, seed_record  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def vllm_tiny_model(tmp_path_factory) -> Path:
     """The tiny Qwen2.5-VL with head_dim 32 (2 heads over hidden 64, mRoPE [4, 6, 6])."""
-    from stages.tiny_model import build_tiny_qwen25vl
+    from stages.testing.tiny_model import build_tiny_qwen25vl
 
     return build_tiny_qwen25vl(tmp_path_factory.mktemp("tiny-vllm"), seed=0, head_dim=32)
 

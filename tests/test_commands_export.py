@@ -11,9 +11,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from stages.commands.export import OPEN_O3_TASKS, question_text
-from stages.geometry import CANONICAL
-from stages.schema import TASKS
-from stages.targets import frame_from_dict
+from stages.lib.geometry import CANONICAL
+from stages.lib.schema import TASKS
+from stages.lib.targets import frame_from_dict
 from tests.record_factory import SQUARE_BOX, build_run, circle_box
 
 
@@ -136,7 +136,7 @@ def test_open_o3_export_reads_back_with_the_stgr_json_adapter(tmp_path):
     """What we export is what the project's reader of the released files reads back: the same ground
     truth, so each record's own answer scores the same (full marks) before and after the round trip
     (a spatio-temporal span answer used to lose its span and drop from 1.0 to 0.0)."""
-    from stages.answers import score_record_answer
+    from stages.lib.answers import score_record_answer
     from stages.commands.export import export_open_o3
 
     records = _every_task()
@@ -241,7 +241,7 @@ def test_export_for_the_released_sft_script_leaves_out_temporal_mcq(tmp_path, ca
     `prepare_dataset` raises `Unknown task`): `--tasks` exports an SFT file it can read."""
     import pyarrow.parquet as pq
 
-    from stages.schema import to_table
+    from stages.lib.schema import to_table
 
     pq.write_table(to_table(_every_task(split="sft")), tmp_path / "records.parquet")
     keep = [t for t in TASKS if t != "temporal_mcq"]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from stages.schema import record_id, to_table
+from stages.lib.schema import record_id, to_table
 from stages.sources.synthetic_world import encode_mp4, render, simulate
 
 SCENE = dict(width=160, height=120, fps=10.0, duration_s=(4.0, 5.0), num_objects=(2, 2), object_size=(30, 40))
@@ -18,7 +18,7 @@ SCENE = dict(width=160, height=120, fps=10.0, duration_s=(4.0, 5.0), num_objects
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stages.tiny_model import build_tiny_qwen25vl
+    from stages.testing.tiny_model import build_tiny_qwen25vl
 
     return build_tiny_qwen25vl(tmp_path_factory.mktemp("tiny"), seed=0)
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages import geometry as g
-from stages.evidence import (
+from stages.lib import geometry as g
+from stages.lib.evidence import (
     EVIDENCE_REQUIREMENTS,
     PROBLEMS,
     Claim,

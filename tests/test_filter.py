@@ -8,7 +8,7 @@ import yaml
 from pipeline.testing import unit_context
 from stages.align import Align
 from stages.filter import RULES, Filter
-from stages.schema import to_table
+from stages.lib.schema import to_table
 from tests.record_factory import circle_box, make_record
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "filter" / "default.yaml"

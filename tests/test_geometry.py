@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from stages import geometry as g
+from stages.lib import geometry as g
 
 
 def test_as_boxes_shapes() -> None:

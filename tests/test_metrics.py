@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.metrics import recall_at, temporal_iou, viou, vstar_chain_summary, vstar_scores, vstar_spatial_miou
+from stages.lib.metrics import (
+    recall_at,
+    temporal_iou,
+    viou,
+    vstar_chain_summary,
+    vstar_scores,
+    vstar_spatial_miou,
+)
 
 
 @pytest.mark.parametrize(

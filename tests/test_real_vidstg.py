@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages import evidence
+from stages.lib import evidence
 from tests.engine_util import run_stgr
 
 ANNOTATIONS = "../shared/fixtures/vidstg/test_annotations_subset.json"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from stages import geometry
+from stages.lib import geometry
 from train.data import frame_to_dict
 from train.rewards import (
     COMPONENTS,
@@ -93,9 +93,9 @@ def test_accuracy_span_box_and_free_form():
 
 
 def test_accuracy_is_the_one_answer_scorer():
-    """The kind comes from the record's answer (stages.answers), not its task: a spatio-temporal record
+    """The kind comes from the record's answer (stages.lib.answers), not its task: a spatio-temporal record
     answered by a caption is free text, a released temporal MCQ answer is the letter plus the span."""
-    from stages.answers import score_answer
+    from stages.lib.answers import score_answer
 
     acc = funcs()["accuracy"]
     caption = "an adult wearing a black hat uses a camera."

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.testing import unit_context
 from stages.sample import SampleStage
-from stages.schema import RECORD_SCHEMA, record_id, to_table
-from stages.sources.stage import SourceStage
+from stages.lib.schema import RECORD_SCHEMA, record_id, to_table
+from stages.source import SourceStage
 from stages.sources.synthetic_world import encode_mp4
 
 SAMPLE = {"fps": 2.0, "max_frames": 32, "min_frames": 4, "clip_max_s": 120.0, "clip_padding_s": 2.0,

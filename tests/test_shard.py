@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.stage import LEDGER_SCHEMA, Rejection
 from pipeline.testing import unit_context
-from stages.schema import RECORD_SCHEMA, SCHEMA_VERSION, to_table
+from stages.lib.schema import RECORD_SCHEMA, SCHEMA_VERSION, to_table
 from stages.shard import Shard, split_of
 from tests.record_factory import make_record
 

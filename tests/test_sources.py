@@ -12,10 +12,10 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.registry import get_stage
 from pipeline.testing import unit_context
 from stages.align import name_agrees
-from stages.geometry import pixels_to_normalised, xywh_to_xyxy
-from stages.schema import RECORD_SCHEMA, TASKS
+from stages.lib.geometry import pixels_to_normalised, xywh_to_xyxy
+from stages.lib.schema import RECORD_SCHEMA, TASKS
 from stages.sources import adapter_names, get_adapter
-from stages.sources.stage import SourceStage
+from stages.source import SourceStage
 
 
 def build(config: dict, tmp_path: Path, partition: int = 0):

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.testing import unit_context
-from stages.sources.stage import SourceStage
+from stages.source import SourceStage
 
 
 def run(adapter: str, annotations: Path, video_dir: Path, **extra):

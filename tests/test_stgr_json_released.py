@@ -73,7 +73,7 @@ def test_released_records_build_to_rows_that_pass_the_filter(built) -> None:
     # the key frame times are sampled frames, and the trace cites the released boxes there
     frame_times = [f["t_s"] for f in by_task["spatio_temporal"].frames]
     assert all(min(abs(t - kf["t_s"]) for t in frame_times) < 1 / 29.97 for kf in by_task["spatio_temporal"].key_frames)
-    # the filter scored each row's answer with the one scorer (stages.answers) and it agreed fully
+    # the filter scored each row's answer with the one scorer (stages.lib.answers) and it agreed fully
     for row in rows.itertuples():
         assert row.scores["answer_ok"] and row.scores["answer_score"] == pytest.approx(1.0), row.task
 

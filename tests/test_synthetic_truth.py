@@ -33,9 +33,9 @@ import pytest
 import yaml
 from shapely.geometry import Polygon
 
-from stages import evidence
-from stages.geometry import CANONICAL
-from stages.schema import TASKS
+from stages.lib import evidence
+from stages.lib.geometry import CANONICAL
+from stages.lib.schema import TASKS
 from stages.sources.synthetic_world import COLOURS, Scene, SceneObject, _outline, render, shape_mask, simulate
 from tests.engine_util import run_stgr
 

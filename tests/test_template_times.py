@@ -4,7 +4,7 @@ A template trace restates the ground truth, so `format_valid`, `time_in_clip` an
 must keep it: times are written inside the clip (the clip end 18.018 s becomes 18.01, never 18.02),
 the time check allows exactly the rounding of the written digits (one tolerance,
 `CANONICAL.time_tolerance()`), and the answer is the record's own answer, so it scores full through
-the one answer scorer (stages/answers.py) whatever its kind: span, text, letter, letter + span, box.
+the one answer scorer (stages/lib/answers.py) whatever its kind: span, text, letter, letter + span, box.
 
 The stages run for real in this process (source, sample with decord, annotate, align, filter) on the
 real VidSTG fixture clips (../shared/fixtures/vidstg), with the configs a build composes from conf/.
@@ -19,13 +19,13 @@ import pytest
 
 from pipeline.registry import get_stage, load_plugins
 from pipeline.testing import unit_context
-from stages import evidence
-from stages.answers import record_answer_kind, score_record_answer
+from stages.lib import evidence
+from stages.lib.answers import record_answer_kind, score_record_answer
 from stages.backends.template import written_time
 from stages.filter import Batch, TimeInClip
-from stages.geometry import CANONICAL
-from stages.schema import to_table
-from stages.sources.stage import SourceStage
+from stages.lib.geometry import CANONICAL
+from stages.lib.schema import to_table
+from stages.source import SourceStage
 
 REPO = Path(__file__).resolve().parents[1]
 FPS = 30000 / 1001

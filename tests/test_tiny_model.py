@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.tiny_model import build_tiny_qwen25vl
+from stages.testing.tiny_model import build_tiny_qwen25vl
 
 
 def _messages() -> list[dict]:

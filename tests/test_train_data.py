@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from stages import evidence
-from stages.geometry import CANONICAL
-from stages.schema import to_table
+from stages.lib import evidence
+from stages.lib.geometry import CANONICAL
+from stages.lib.schema import to_table
 from tests.train_toy import toy_record, write_toy_dataset
 from train.data import (
     FramePolicy,
@@ -121,7 +121,7 @@ def test_trace_that_cannot_be_moved_is_left_out_with_a_warning(toy: Path, caplog
     records = load_records(toy, "stgr-cot")[:3]
     spatial = next(r for r in load_records(toy, "stgr-cot") if r["task"] == "spatial")
     overflow = {**records[0], "reasoning": records[0]["reasoning"] + " <obj>glitch</obj><box>[0, 0, 1e308, 1]</box>"}
-    # a spatial question answered in words is a free-text answer (stages.answers), not a broken box
+    # a spatial question answered in words is a free-text answer (stages.lib.answers), not a broken box
     in_words = {**spatial, "answer": "on the left"}
     with caplog.at_level(logging.WARNING, logger="stgr.train.data"):
         out = list(iter_examples([overflow, records[1], in_words], POLICY, {}))

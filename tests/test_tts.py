@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.geometry import THOUSAND
-from stages.schema import record_id, to_table
+from stages.lib.geometry import THOUSAND
+from stages.lib.schema import record_id, to_table
 from stages.sources.synthetic_world import COLOURS, encode_mp4, render, simulate
 from train import tts
 from train.eval.crops import citations, crop_jpeg

@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline.testing import unit_context
 from stages.align import Align
 from stages.filter import Filter
-from stages.schema import to_table
+from stages.lib.schema import to_table
 from stages.verify import Verify, crop, read_yes_no
 from tests.record_factory import circle_box, grounded_response, jpeg, make_record
 

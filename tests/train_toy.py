@@ -1,6 +1,6 @@
 """A small STGR dataset written the way `stgr build` lays it out, for the training tests.
 
-Records are made with `stages.schema.to_table` from drawn frames (a coloured disc moving across a
+Records are made with `stages.lib.schema.to_table` from drawn frames (a coloured disc moving across a
 grey field, JPEG-embedded) with exact boxes and times, and traces written with the grammar's own
 renderer, so the training code sees real shards without running a whole build.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from stages.evidence import Claim, render_claim
-from stages.geometry import CANONICAL
-from stages.schema import record_id, to_table
+from stages.lib.evidence import Claim, render_claim
+from stages.lib.geometry import CANONICAL
+from stages.lib.schema import record_id, to_table
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
 WIDTH, HEIGHT = 160, 120

@@ -147,7 +147,7 @@ def load_processor(model: Mapping[str, Any]):
     template that marks assistant turns with `{% generation %}` (needed for assistant-only loss)."""
     from transformers import AutoProcessor
 
-    from stages.tiny_model import chat_template
+    from stages.lib.chat import chat_template
 
     kwargs = {"revision": model["revision"]} if model.get("revision") else {}
     processor = AutoProcessor.from_pretrained(model["path"], **kwargs)

@@ -2,11 +2,11 @@
 
 One record becomes one single-turn chat: the user turn holds a total-length line, the chosen frames
 as images each preceded by its label `Frame k at t s:` (times on the source video's own timeline,
-the same timeline the trace cites; laid out by `stages.chat_layout`, as the annotation backends lay
+the same timeline the trace cites; laid out by `stages.lib.chat`, as the annotation backends lay
 them out), the question, the options and the output instruction; the assistant turn is
 `<think>reasoning</think><answer>answer</answer>` with every box rewritten from the canonical
 normalised frame into the model's own frame (Qwen2.5-VL: integer pixels of the resized input) by
-`stages.evidence.reframe_text`, never by hand.
+`stages.lib.evidence.reframe_text`, never by hand.
 
 Why frames as labelled images rather than the processor's video path: the labels give the model
 the exact timestamp of each frame (the video path only gives it a frame rate, and the sampled
@@ -33,11 +33,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from stages import evidence, geometry
-from stages.chat_layout import frames_content
-from stages.answers import record_answer_kind
-from stages.schema import TASKS
-from stages.targets import frame_from_dict, frame_to_dict, reward_target  # noqa: F401 - frame_*: for train.eval
+from stages.lib import evidence, geometry
+from stages.lib.chat import frames_content
+from stages.lib.answers import record_answer_kind
+from stages.lib.schema import TASKS
+from stages.lib.targets import (  # noqa: F401 - frame_*: for train.eval
+    frame_from_dict,
+    frame_to_dict,
+    reward_target,
+)
 
 log = logging.getLogger("stgr.train.data")
 
@@ -45,7 +49,7 @@ log = logging.getLogger("stgr.train.data")
 REQUIRED = ("id", "task", "frames", "question", "answer")
 
 #: Part of the rendered-dataset cache key: bump it whenever rendering changes what the model sees
-#: for the same shards and options (2: `stages.chat_layout` separators, boxes moved by `reframe_text`).
+#: for the same shards and options (2: `stages.lib.chat` separators, boxes moved by `reframe_text`).
 RENDER_VERSION = 2
 
 
@@ -232,7 +236,7 @@ def render_target(record: Mapping[str, Any], frame: geometry.BoxFrame) -> str:
     prose verbatim. The result is parsed back in `frame` and must give the record's claims and answer
     box (within the frame's rounding); if it does not (a box that cannot be written in `frame`, such
     as one that overflows it), RenderError rather than train on boxes in two frames at once. Whether
-    the answer is a box is read from the answer itself (`stages.answers.record_answer_kind`).
+    the answer is a box is read from the answer itself (`stages.lib.answers.record_answer_kind`).
     """
     reasoning, answer = str(record.get("reasoning") or "").strip(), str(record["answer"]).strip()
     canonical = f"<think>{reasoning}</think><answer>{answer}</answer>"

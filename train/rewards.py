@@ -1,15 +1,15 @@
 """The paper's RL rewards, as plain functions in TRL's reward signature (and a verl adapter).
 
 Every function takes `completions` (strings, or chat messages as TRL passes them) and
-`reward_target` (one JSON object per completion, made by `stages.targets.reward_target`: task, answer,
+`reward_target` (one JSON object per completion, made by `stages.lib.targets.reward_target`: task, answer,
 options, answer span, key frames with canonical boxes, and the box frame the model writes in) and
 returns one float per completion. None of them raises: malformed text, malformed targets and
 absurd inputs (10,000 claims, boxes with three numbers, times as words) score 0 for what is wrong.
-Parsing goes through `stages.evidence`, boxes through `stages.geometry`, answers through
-`stages.answers`; nothing here re-implements them. Behaviour follows the released Open-o3 Video
+Parsing goes through `stages.lib.evidence`, boxes through `stages.lib.geometry`, answers through
+`stages.lib.answers`; nothing here re-implements them. Behaviour follows the released Open-o3 Video
 rewards (`reward_func.py`); where it does not, docs/training.md lists the departure and its reason.
 
-- `accuracy`: the `<answer>` content scored by `stages.answers.score_answer`, the one scorer the
+- `accuracy`: the `<answer>` content scored by `stages.lib.answers.score_answer`, the one scorer the
   filter and evaluation use too (option letter, letter + span, tIoU, IoU or ROUGE, by what the
   record's answer is); 0 without an `<answer>` section or without a ground truth.
 - `format`: 0 / 0.5 / 1 (`evidence.format_score`): not well formed / well formed / well formed with
@@ -41,8 +41,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from stages import answers, evidence, geometry
-from stages.targets import frame_from_dict
+from stages.lib import answers, evidence, geometry
+from stages.lib.targets import frame_from_dict
 
 log = logging.getLogger("stgr.train.rewards")
 
@@ -202,7 +202,7 @@ def _guarded(name: str, per_item: Callable[[str, Target], float]) -> Callable[[l
 
 
 def answer_kind(target: Target) -> str:
-    """How the target's answer is scored (`stages.answers.answer_kind`: decided by the answer itself)."""
+    """How the target's answer is scored (`stages.lib.answers.answer_kind`: decided by the answer itself)."""
     return answers.answer_kind(target.task, target.answer, target.options, target.answer_span)
 
 
@@ -412,7 +412,7 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_
                   **reward_kwargs: Any) -> dict[str, float]:
     """verl's custom reward signature (`custom_reward_function.path=train/rewards.py`, `name=compute_score`).
 
-    `ground_truth` is the reward target (`stages.targets.reward_target`, JSON text or dict; `stgr export
+    `ground_truth` is the reward target (`stages.lib.targets.reward_target`, JSON text or dict; `stgr export
     --format verl` writes it). `extra_info["progress"]` (0-1), if given, drives the sigma schedule;
     `reward_kwargs` may hold a `rewards` mapping shaped like conf/train/rl.yaml's. Returns verl's dict
     form: `score` (the weighted total) plus each component.

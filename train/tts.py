@@ -91,8 +91,8 @@ def voting_key(answer_kind: str, answer: str | None, num_options: int | None = N
     """What two samples must share to vote for the same answer: the option letter for multiple
     choice, the lower-cased text with white space collapsed and end punctuation dropped for free
     form. Spans and boxes are continuous (no two samples agree exactly), so they do not vote: None."""
-    from stages import evidence
-    from stages.answers import option_letter
+    from stages.lib import evidence
+    from stages.lib.answers import option_letter
 
     if not answer:
         return None

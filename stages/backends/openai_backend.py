@@ -2,7 +2,7 @@
 Gemini's OpenAI-compatible API, hosted providers).
 
 Frames go as base64 `data:image/jpeg` URLs, each after its `Frame k at t s:` label, in
-`stages.chat_layout`'s layout (the one training renders). Requests run concurrently up to
+`stages.lib.chat`'s layout (the one training renders). Requests run concurrently up to
 `concurrency` per actor (an asyncio semaphore over one pooled httpx client).
 429, 5xx, timeouts and dropped connections are retried with exponential backoff and jitter,
 honouring `Retry-After`; other 4xx mean the request itself is bad and come back as a non-retryable
@@ -23,14 +23,14 @@ import threading
 from typing import Any, Mapping, Sequence
 
 from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
-from stages.chat_layout import frames_content
+from stages.lib.chat import frames_content
 
 #: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
-    """The chat-completions request body: system text, then the frames in `stages.chat_layout`'s layout
+    """The chat-completions request body: system text, then the frames in `stages.lib.chat`'s layout
     (each label and its `LABEL_END`, the image, `IMAGE_END`), then the prompt. A served model thus
     sees the text around its images that training rendered and the other backends send."""
     images = iter(request.images)

@@ -16,7 +16,7 @@ object as it looks there), its box is the evidence box, its time is the evidence
 written inside the clip (`written_time`); "first appears" / "last seen" are said only of the first
 / last time of the object's ground-truth track, and everything else is said without "first",
 "still" or "it" across objects. The answer is the record's own answer verbatim (letter, letter +
-span, span, box or text), so it scores full through the one answer scorer (stages/answers.py).
+span, span, box or text), so it scores full through the one answer scorer (stages/lib/answers.py).
 
 The phrasebook also writes the question of a seed that has none (`write_question`): the annotate
 stage asks it before prompting any model, so every backend reasons about a question that follows
@@ -31,10 +31,10 @@ import random
 from typing import Any, Mapping, Sequence
 
 from stages.align import name_agrees
-from stages.answers import answer_truth
+from stages.lib.answers import answer_truth
 from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
-from stages.evidence import Claim, render_claim
-from stages.geometry import CANONICAL
+from stages.lib.evidence import Claim, render_claim
+from stages.lib.geometry import CANONICAL
 
 #: Phrase tables. Placeholders: {obj} object name, {cite} a rendered claim, {label} an event,
 #: {t}/{s}/{e} times as written in `<t>`, {answer} the answer text, {n} a count.
@@ -294,7 +294,7 @@ def _cite_sentences(context: Mapping[str, Any], entries: Sequence[Entry], rng: r
 def write_response(context: Mapping[str, Any], max_cites: int = 3) -> str:
     """The full `<think>…</think><answer>…</answer>` text for one record's context.
 
-    The answer is the record's own answer, verbatim, so it scores full through `stages.answers`;
+    The answer is the record's own answer, verbatim, so it scores full through `stages.lib.answers`;
     the reasoning restates it (letter, span, box or text), cites the ground-truth boxes at their
     sampled frames, and writes every time inside the clip. Raises RequestFailed (the record goes to
     the ledger) where the ground truth does not determine the answer: a multiple-choice or open

@@ -2,7 +2,7 @@
 
 Loaded once per actor with `AutoModelForImageTextToText.from_pretrained` and its `AutoProcessor`
 (Qwen2.5-VL and any other chat VLM whose processor takes images). Each frame is passed as an image
-right after its `Frame k at t s:` label (structured chat content in `stages.chat_layout`'s layout,
+right after its `Frame k at t s:` label (structured chat content in `stages.lib.chat`'s layout,
 so the chat template puts each image at its label rather than all images first). Requests are
 generated in padded batches of the stage's `batch_size`, grouped by sampling parameters, with left
 padding so every row's new tokens start at the same position.
@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stages.backends import Backend, ChatRequest, register_backend
-from stages.chat_layout import frames_content
+from stages.lib.chat import frames_content
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
     """The request as chat messages with structured content: label, image, label, image, ..., prompt,
-    in `stages.chat_layout`'s layout (the one training renders, so prompts match token for token)."""
+    in `stages.lib.chat`'s layout (the one training renders, so prompts match token for token)."""
     content = frames_content([image.label for image in request.images], request.prompt)
     messages: list[dict[str, Any]] = []
     if request.system:

@@ -7,7 +7,7 @@ one call, so vLLM's continuous batching schedules it. Frames reach the model in 
 - `video` (default): the frames as one video *with their metadata* (source fps, frame count, the
   source frame indices), so Qwen2.5-VL's time encoding (mRoPE with absolute time) sees when each
   frame really is; the prompt lists each frame's time in seconds, which is what the model cites.
-- `images`: one image per frame, each after its `Frame k at t s:` label, in `stages.chat_layout`'s
+- `images`: one image per frame, each after its `Frame k at t s:` label, in `stages.lib.chat`'s
   layout, as the other backends do.
 
 A request without record context (e.g. a verify crop) always goes as images. Requires the `vllm`
@@ -19,7 +19,7 @@ import io
 from typing import Any, Mapping, Sequence
 
 from stages.backends import Backend, ChatRequest, register_backend
-from stages.chat_layout import frames_content
+from stages.lib.chat import frames_content
 
 INPUT_MODES = ("video", "images")
 
@@ -82,7 +82,7 @@ class VLLMBackend(Backend):
         self.processor = AutoProcessor.from_pretrained(model, revision=config.get("revision"))
 
     def _messages(self, request: ChatRequest, as_video: bool) -> list[dict[str, Any]]:
-        """Chat messages for one request: as images, `stages.chat_layout`'s layout (the one training
+        """Chat messages for one request: as images, `stages.lib.chat`'s layout (the one training
         renders and the other backends send); as video, the video then the list of frame times."""
         if as_video:
             content: list[dict[str, Any]] = [{"type": "video"},

@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipeline.errors import InputError
-from stages.schema import RECORD_SCHEMA, conform
+from stages.lib.schema import RECORD_SCHEMA, conform
 from stages.shard import SPLIT_DIRS, read_ledger
 
 

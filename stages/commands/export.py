@@ -11,10 +11,10 @@
   in normalised coordinates, as upstream's Gemini-annotated sets, and `stgr {source, task, answer,
   answer_span}`: the record's own ground truth, which the `stgr_json` adapter reads back.
 - `verl`: one Parquet file OUT in verl's RL layout: `data_source`, `prompt` (chat messages whose user
-  turn interleaves `Frame k at t s: <image>` with the question, in `stages.chat_layout`'s layout),
+  turn interleaves `Frame k at t s: <image>` with the question, in `stages.lib.chat`'s layout),
   `images` ([{bytes}], one per `<image>`), `ability` (the task), `reward_model {style: rule,
   ground_truth}` and `extra_info` (id, split, index, task, question, answer_span, key frames as JSON).
-  `ground_truth` is the record's reward target (`stages.targets.reward_target`, JSON text, boxes in
+  `ground_truth` is the record's reward target (`stages.lib.targets.reward_target`, JSON text, boxes in
   the normalised frame the system prompt asks for), so `train/rewards.py`'s `compute_score` scores
   verl's rollouts with the paper's rewards unchanged.
 
@@ -37,14 +37,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from stages import evidence
+from stages.lib import evidence
 from stages.annotate import FrameReader
 from stages.backends import LabelledImage
-from stages.chat_layout import frames_text
+from stages.lib.chat import frames_text
 from stages.commands._records import locate
-from stages.geometry import CANONICAL
-from stages.schema import TASKS
-from stages.targets import reward_target
+from stages.lib.geometry import CANONICAL
+from stages.lib.schema import TASKS
+from stages.lib.targets import reward_target
 
 OPEN_O3_TASKS: dict[str, str] = {
     "spatio_temporal": "temporal-spatial free-form QA",

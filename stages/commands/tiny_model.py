@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from stages.tiny_model import HIDDEN_SIZE
+from stages.testing.tiny_model import HIDDEN_SIZE
 
 #: The head sizes `build_tiny_qwen25vl` accepts (multiples of 16 that divide the hidden size), offered
 #: as choices so a wrong one is refused by argparse (exit 2) before anything is written.
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from stages.tiny_model import build_tiny_qwen25vl
+    from stages.testing.tiny_model import build_tiny_qwen25vl
 
     out = build_tiny_qwen25vl(args.out, seed=args.seed, head_dim=args.head_dim)
     print(f"wrote tiny Qwen2.5-VL to {out} (head_dim {args.head_dim})")

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from pydantic import PositiveFloat, model_validator
 
 from pipeline.stage import UnitContext
-from stages.schema import meta_dump
+from stages.lib.schema import meta_dump
 from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
 
 

@@ -3,7 +3,7 @@
 An adapter knows one annotation format and nothing else: it reads the file (on the driver to count
 entries, again on each worker to build its partition), validates it, and turns each entry into seed
 records in canonical units (seconds on the source video's own timeline, boxes `[x1, y1, x2, y2]`
-normalised to the source frame). The `source` stage (stages/sources/stage.py) owns partitioning and
+normalised to the source frame). The `source` stage (stages/source.py) owns partitioning and
 the ledger, so a new format is one new module with one `@register_adapter` class.
 
 Two kinds of bad input, two outcomes:
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Reject, Rejection, UnitContext
-from stages.schema import record_id
+from stages.lib.schema import record_id
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 

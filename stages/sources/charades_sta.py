@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from pipeline.errors import InputError
 from pipeline.stage import UnitContext
-from stages.schema import meta_dump
+from stages.lib.schema import meta_dump
 from stages.sources.base import Adapter, make_record, media, register_adapter
 
 LINE = re.compile(r"^(?P<vid>\S+)\s+(?P<start>\S+)\s+(?P<end>\S+)\s*##(?P<sentence>.*\S.*)$")

@@ -9,7 +9,7 @@ Format: a JSON object keyed by video file name (e.g. `"14_wfEOx36N4jA.mp4"`); ea
 
 Units and conversion: every clip lasts `clip_seconds` (20 by default), so fps = `img_num` / 20. Box k
 lies on frame `st_frame - 1 + k` (0-based), at t = (st_frame - 1 + k) / fps, and is converted from
-`[x, y, w, h]` pixels to normalised `[x1, y1, x2, y2]` (stages/geometry.py). The temporal ground
+`[x, y, w, h]` pixels to normalised `[x1, y1, x2, y2]` (stages/lib/geometry.py). The temporal ground
 truth is `st_time`..`ed_time` as stated; the boxes need not cover it exactly (93 boxes at 30 fps =
 3.10 s against a 3.34 s span in `65_xp67EC-Hvwk.mp4`), so the span is taken from the times and the
 track from the boxes, each as the dataset gives it.
@@ -25,8 +25,8 @@ import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
 from pipeline.stage import UnitContext
-from stages.geometry import pixels_to_normalised, xywh_to_xyxy
-from stages.schema import meta_dump
+from stages.lib.geometry import pixels_to_normalised, xywh_to_xyxy
+from stages.lib.schema import meta_dump
 from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
 
 V2_KEYS = {"trajectory": "bbox", "English": "caption"}

@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from pipeline.errors import InputError
 from pipeline.stage import UnitContext
-from stages.schema import TASKS, meta_dump
+from stages.lib.schema import TASKS, meta_dump
 from stages.sources.base import Adapter, Entry, make_record, media, register_adapter
 
 Box = tuple[float, float, float, float]

@@ -40,10 +40,10 @@ from typing import Any, Sequence
 from pydantic import Field
 
 from pipeline.stage import Reject, Rejection, UnitContext
-from stages import evidence
-from stages.answers import answer_kind
-from stages.schema import TASKS as STGR_TASKS
-from stages.schema import meta_dump
+from stages.lib import evidence
+from stages.lib.answers import answer_kind
+from stages.lib.schema import TASKS as STGR_TASKS
+from stages.lib.schema import meta_dump
 from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
 
 TASKS = {

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.stage import UnitContext
-from stages.schema import TASKS, meta_dump
+from stages.lib.schema import TASKS, meta_dump
 from stages.sources.base import Adapter, make_record, media, register_adapter
 from stages.sources.synthetic_world import COLOURS, Event, Scene, encode_mp4, render, simulate
 

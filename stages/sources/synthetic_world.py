@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.geometry import pixels_to_normalised
+from stages.lib.geometry import pixels_to_normalised
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 38, 38),

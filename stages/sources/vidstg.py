@@ -30,10 +30,10 @@ import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from pipeline.stage import UnitContext
-from stages.geometry import pixels_to_normalised
+from stages.lib.geometry import pixels_to_normalised
 from stages.sources.base import (Adapter, Entry, expect_shape, make_record, media, read_json,
                                  register_adapter)
-from stages.schema import meta_dump
+from stages.lib.schema import meta_dump
 
 
 class FrameRange(Entry):

@@ -9,7 +9,7 @@ them) or keyed (`{"<timestamp>_<frame_index>": {"xmin", ...}}`, as the README sh
 
 Units and conversion: `timestamps` are seconds; a box's time is `frame_index / fps` (the video's own
 timeline) where the frame index is given, else its `timestamp`; pixel xyxy boxes are normalised by
-`width` x `height` (stages/geometry.py).
+`width` x `height` (stages/lib/geometry.py).
 
 Records, one per link of the chain: `general_free` (question, answer), `temporal` (temporal_question,
 `answer_span`), `spatial` (spatial_question, the boxes as key frames and track); all share the
@@ -23,8 +23,8 @@ import numpy as np
 from pydantic import PositiveFloat, PositiveInt
 
 from pipeline.stage import UnitContext
-from stages.geometry import pixels_to_normalised
-from stages.schema import meta_dump
+from stages.lib.geometry import pixels_to_normalised
+from stages.lib.schema import meta_dump
 from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
 
 CORNERS = ("xmin", "ymin", "xmax", "ymax")

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from stages.evidence import Claim, parse_trace, parse_traces, render_claims  # noqa: E402
-from stages.geometry import box_iou  # noqa: E402
+from stages.lib.evidence import Claim, parse_trace, parse_traces, render_claims  # noqa: E402
+from stages.lib.geometry import box_iou  # noqa: E402
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:

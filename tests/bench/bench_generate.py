@@ -74,7 +74,7 @@ def main() -> int:
 
     model = args.model
     if model is None:
-        from stages.tiny_model import build_tiny_qwen25vl
+        from stages.testing.tiny_model import build_tiny_qwen25vl
 
         model = str(build_tiny_qwen25vl(Path(tempfile.mkdtemp(prefix="bench-tiny-")), seed=0))
     stage = AnnotateStage(annotator_config({

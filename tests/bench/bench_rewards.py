@@ -13,7 +13,7 @@ import random
 import sys
 import time
 
-from stages import geometry
+from stages.lib import geometry
 from train.data import frame_to_dict
 from train.rewards import RewardConfig, _parse, make_reward_funcs
 

@@ -31,7 +31,7 @@ import yaml  # noqa: E402
 
 from pipeline.testing import unit_context  # noqa: E402
 from stages.sample import SampleStage  # noqa: E402
-from stages.schema import record_id, to_table  # noqa: E402
+from stages.lib.schema import record_id, to_table  # noqa: E402
 
 FIXTURES = Path(os.environ.get("STGR_FIXTURES", REPO.parent / "shared" / "fixtures"))
 CLIPS = ("vidstg/5587257558.mp4", "vidstg/5804131706.mp4", "raw/s08e18_seg02_clip_03.mp4")

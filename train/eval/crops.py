@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from stages import evidence, geometry
+from stages.lib import evidence, geometry
 from stages.backends import ChatRequest, LabelledImage
 from train import tts
 from train.eval.runner import Call

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.errors import ConfigError, InputError
-from stages import evidence, geometry
+from stages.lib import evidence, geometry
 from stages.backends import ChatRequest, LabelledImage
-from stages.answers import option_letter
+from stages.lib.answers import option_letter
 from train.data import FramePolicy, frame_from_dict, frame_to_dict, render_example
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import JudgeCalls
@@ -41,7 +41,7 @@ QUESTION_IMAGE_LABEL = "The image of the question:"
 
 def parse_choice(completion: str | None, num_options: int) -> tuple[str | None, str]:
     """(the option letter, how it was read): the letter the `<answer>` gives, read by the one answer
-    scorer's reader (`stages.answers.option_letter`: `B`, `(B)`, `B. …`, `Answer: B`; the whole text
+    scorer's reader (`stages.lib.answers.option_letter`: `B`, `(B)`, `B. …`, `Answer: B`; the whole text
     when there is no `<answer>`), OUT_OF_OPTIONS for a letter past the
     last option (it is no option: it scores 0), UNPARSED for none, MISSING for no completion."""
     if completion is None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.errors import InputError
-from stages import evidence
+from stages.lib import evidence
 
 FORMATS = ("videomme", "worldsense", "videommmu", "mcq")
 TITLES = {"videomme": "Video-MME", "worldsense": "WorldSense", "videommmu": "VideoMMMU", "mcq": "Multiple-choice"}

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from stages import metrics
+from stages.lib import metrics
 
 TIOU_THRESHOLDS = (0.3, 0.5, 0.7)
 AP_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)

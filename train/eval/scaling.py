@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from stages import evidence, geometry
+from stages.lib import evidence, geometry
 from train import tts
 from train.eval.crops import sample_ratings
 

@@ -5,7 +5,7 @@ Each record is rendered exactly as for training (`train.data.render_example`: fr
 times for test-time scaling), and scored with the training rewards' definitions (`train.rewards`),
 so evaluation and RL agree on what "right" means:
 
-- answer (`stages.answers`, by what the record's answer is): option letter (multiple choice), letter
+- answer (`stages.lib.answers`, by what the record's answer is): option letter (multiple choice), letter
   and span ((letter + tIoU) / 2 >= 0.75 counts as correct: the right letter and tIoU >= 0.5), tIoU
   with the answer span (>= 0.5 correct), IoU with the answer box (>= 0.5), and for free-form
   answers the judge's 0-3 score (>= 2 correct), with the ROUGE accuracy reward beside it;
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.errors import InputError
-from stages import answers, evidence, metrics
+from stages.lib import answers, evidence, metrics
 from train import rewards
 from train.data import load_records, render_example
 from train.eval.crops import crop_calls, crop_kind

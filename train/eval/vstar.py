@@ -25,8 +25,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from stages import evidence, geometry, metrics
-from stages.evidence import parse_boxes_by_time
+from stages.lib import evidence, geometry, metrics
+from stages.lib.evidence import parse_boxes_by_time
 from train.data import frame_from_dict, frame_to_dict
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import CORRECT_FROM, INVALID, JudgeCalls

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from stages.geometry import BoxFrame
+from stages.lib.geometry import BoxFrame
 
 _FRAME_FIELDS = ("name", "width", "height", "layout", "decimals", "time_decimals")
 

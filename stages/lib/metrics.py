@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from stages.geometry import as_boxes, box_iou, paired_iou
+from stages.lib.geometry import as_boxes, box_iou, paired_iou
 
 LGM_EPS = 1e-6
 """Default floor on 1 - x in LGM when the number of samples is not given (see `vstar_scores`)."""

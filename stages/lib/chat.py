@@ -17,6 +17,7 @@ and this layout writes it again identically (the preamble becomes part of the fi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 LABEL_END = " "
@@ -45,3 +46,13 @@ def frames_text(labels: Sequence[str], prompt: str, image_token: str, preamble: 
     """The same layout as one string, with `image_token` where each image goes (verl's `<image>`)."""
     return "".join(part["text"] if part["type"] == "text" else image_token
                    for part in frames_content(labels, prompt, preamble))
+
+
+def chat_template() -> str:
+    """The Qwen2-VL chat template with assistant content inside `{% generation %}` blocks.
+
+    Qwen's own template has no generation markers, so `return_assistant_tokens_mask` (and with it
+    TRL's `assistant_only_loss`) cannot tell prompt from answer; `train/` applies this template to
+    real Qwen2.5-VL checkpoints and the tiny test model alike. It renders the same text as Qwen's template.
+    """
+    return resources.files("stages.lib").joinpath("templates/qwen2_vl_chat.jinja").read_text()

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
-from stages import evidence
-from stages.geometry import CANONICAL, BoxFrame, paired_iou
-from stages.metrics import temporal_iou
-from stages.schema import ANSWER_KINDS
+from stages.lib import evidence
+from stages.lib.geometry import CANONICAL, BoxFrame, paired_iou
+from stages.lib.metrics import temporal_iou
+from stages.lib.schema import ANSWER_KINDS
 
 KINDS = ("option_span", "option", "span", "box", "text")
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from stages.geometry import CANONICAL, BoxFrame, is_finite, is_inside
+from stages.lib.geometry import CANONICAL, BoxFrame, is_finite, is_inside
 
 PROBLEMS: dict[str, str] = {
     "not_text": "the trace is not a string (e.g. a null in the column)",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import random
-from importlib import resources
 from pathlib import Path
+
+from stages.lib.chat import chat_template
 
 #: Qwen2.5-VL's special tokens, in the order of the real vocabulary (ids follow the BPE vocabulary here).
 QWEN_SPECIAL_TOKENS = (
@@ -48,16 +49,6 @@ _WORDS = (
     "so then finally think reasoning total length duration"
 ).split()
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<obj>", "</obj>", "<box>", "</box>", "<t>", "</t>")
-
-
-def chat_template() -> str:
-    """The Qwen2-VL chat template with assistant content inside `{% generation %}` blocks.
-
-    Qwen's own template has no generation markers, so `return_assistant_tokens_mask` (and with it
-    TRL's `assistant_only_loss`) cannot tell prompt from answer; `train/` applies this template to
-    real Qwen2.5-VL checkpoints too. It renders the same text as Qwen's template.
-    """
-    return resources.files("stages").joinpath("templates/qwen2_vl_chat.jinja").read_text()
 
 
 def _corpus(seed: int, lines: int = 3000) -> list[str]:
@@ -205,6 +196,6 @@ def build_tiny_qwen25vl(out_dir: str | Path, seed: int = 0, head_dim: int = 16) 
     model.save_pretrained(out)
     processor.save_pretrained(out)
     tok.save_pretrained(out)
-    built = {"seed": seed, "head_dim": head_dim, "builder": "stages.tiny_model"}
+    built = {"seed": seed, "head_dim": head_dim, "builder": "stages.testing.tiny_model"}
     (out / "stgr_tiny.json").write_text(json.dumps(built) + "\n")
     return out

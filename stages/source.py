@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Mapping
 
 from pipeline.registry import register_stage
 from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext
-from stages.schema import to_table
+from stages.lib.schema import to_table
 from stages.sources.base import Adapter, get_adapter
 
 
