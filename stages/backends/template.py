@@ -31,8 +31,8 @@ import random
 from typing import Any, Mapping, Sequence
 
 from stages.align import name_agrees
-from stages.lib.answers import answer_truth
 from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
+from stages.lib.answers import answer_truth
 from stages.lib.evidence import Claim, render_claim
 from stages.lib.geometry import CANONICAL
 
