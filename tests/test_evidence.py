@@ -13,8 +13,6 @@ from stages.lib.evidence import (
     EVIDENCE_REQUIREMENTS,
     PROBLEMS,
     Claim,
-    _parse_general,
-    _scan_clean,
     check_format,
     claims_by_time,
     format_score,
@@ -29,6 +27,8 @@ from stages.lib.evidence import (
     render_claims,
     split_sections,
 )
+from stages.lib.evidence._fast import _scan_clean
+from stages.lib.evidence._grammar import _parse_general
 
 PAPER = (
     "<think>The <obj>man in black</obj><box>[0.412,0.205,0.587,0.931]</box>at<t>12.5</t>s lifts a camera"
