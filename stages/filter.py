@@ -303,7 +303,7 @@ def configured_rules(config: Mapping[str, Any]) -> list[Rule]:
 
 
 @register_stage
-class Filter(Stage):
+class FilterStage(Stage):
     """Run every enabled rule on every record; keep the records that pass them all."""
 
     name = "filter"

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import math
 import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
@@ -34,39 +32,8 @@ import pyarrow as pa
 from pipeline.registry import register_stage
 from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext, iter_records, record_error
 from stages.lib.geometry import has_positive_area, is_inside
+from stages.lib.media import DecodeError, Probe, decode, encode_jpeg, open_video, probe_video
 from stages.lib.schema import to_table
-
-DECODE_CHUNK = 32  # frames decoded per get_batch call: bounds memory on large videos
-
-
-@dataclass(frozen=True)
-class Probe:
-    """What decord says about a video: per-frame start times and the stream's size and rate."""
-
-    uri: str
-    starts: np.ndarray  # (N,) float64 seconds, presentation time of each frame
-    duration_s: float
-    fps: float
-    width: int
-    height: int
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.starts.shape[0])
-
-    def media(self) -> dict[str, Any]:
-        return {"uri": self.uri, "kind": "video", "fps": self.fps, "num_frames": self.num_frames,
-                "duration_s": self.duration_s, "width": self.width, "height": self.height}
-
-    def nearest(self, times: np.ndarray) -> np.ndarray:
-        """Index of the frame whose start time is nearest each time."""
-        right = np.clip(np.searchsorted(self.starts, times), 1, self.num_frames - 1) if self.num_frames > 1 else None
-        if right is None:
-            return np.zeros(len(times), dtype=np.int64)
-        left = right - 1
-        pick_left = np.abs(times - self.starts[left]) <= np.abs(self.starts[right] - times)
-        return np.where(pick_left, left, right).astype(np.int64)
-
 
 
 @register_stage
@@ -244,28 +211,16 @@ class SampleStage(Stage):
     def _decode(self, reader: Any, probe: Probe, indices: np.ndarray) -> dict[int, bytes | None]:
         """Decode the frames (sorted, in chunks) and JPEG-encode them if configured."""
         embed = bool(self.cfg("embed_jpeg", True))
+        side, quality = int(self.cfg("jpeg_max_side", 640)), int(self.cfg("jpeg_quality", 90))
         out: dict[int, bytes | None] = {}
-        for offset in range(0, indices.size, DECODE_CHUNK):
-            chunk = indices[offset:offset + DECODE_CHUNK]
-            try:
-                batch = reader.get_batch(chunk.tolist()).asnumpy()
-            except Exception as exc:  # noqa: BLE001 - decord raises DECORDError/RuntimeError with the decoder's text
-                raise Reject(Rejection(None, "truncated_media", f"{probe.uri}: frames {chunk[0]}..{chunk[-1]} do not "
-                                       f"decode: {_first_line(exc)}", error=_first_line(exc), file=probe.uri)) from None
-            for index, frame in zip(chunk.tolist(), batch):
-                out[index] = self._jpeg(frame) if embed else None
+        try:
+            for index, frame in decode(reader, indices.tolist()):
+                out[index] = encode_jpeg(frame, side, quality) if embed else None
+        except DecodeError as exc:
+            cause = _first_line(exc.__cause__ or exc)
+            raise Reject(Rejection(None, "truncated_media", f"{probe.uri}: frames {exc.first}..{exc.last} do not "
+                                   f"decode: {cause}", error=cause, file=probe.uri)) from None
         return out
-
-    def _jpeg(self, frame: np.ndarray) -> bytes:
-        from PIL import Image
-
-        image = Image.fromarray(frame)
-        side = int(self.cfg("jpeg_max_side", 640))
-        if max(image.size) > side:
-            image.thumbnail((side, side), Image.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=int(self.cfg("jpeg_quality", 90)))
-        return buffer.getvalue()
 
 
 def _open(uri: str, path: str, threads: int) -> tuple[Probe, Any]:
@@ -276,22 +231,11 @@ def _open(uri: str, path: str, threads: int) -> tuple[Probe, Any]:
         raise Reject(Rejection(None, "missing_media", f"{uri}: no such file", file=uri))
     if os.path.getsize(path) == 0:
         raise Reject(Rejection(None, "empty_media", f"{uri}: the file is empty (0 bytes)", file=uri))
-    import decord
-
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
-        count = len(reader)
-        if count == 0:
-            raise RuntimeError("the video stream has no frames")
-        stamps = np.asarray(reader.get_frame_timestamp(np.arange(count)), dtype=np.float64)
-        height, width = reader[0].shape[:2]
-        reader.seek(0)
+        reader = open_video(path, threads)
+        return probe_video(reader, uri), reader
     except Exception as exc:  # noqa: BLE001 - decord's errors are RuntimeError/DECORDError with the decoder's text
         raise Reject(_diagnose(uri, path, exc)) from None
-    starts = np.round(stamps[:, 0], 6)
-    duration = float(np.round(stamps[-1, 1], 6))
-    fps = float(reader.get_avg_fps())
-    return Probe(uri=uri, starts=starts, duration_s=duration, fps=fps, width=int(width), height=int(height)), reader
 
 
 def _diagnose(uri: str, path: str, exc: BaseException) -> Rejection:

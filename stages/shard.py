@@ -227,7 +227,7 @@ def _remove(fs: pafs.FileSystem, path: str) -> None:
 
 
 @register_stage
-class Shard(Stage):
+class ShardStage(Stage):
     """Split by a stable hash, write Parquet shards + manifest + card; output: the records with `split`."""
 
     name = "shard"

@@ -3,7 +3,7 @@
 For records whose boxes have no ground truth to check (general video QA annotated by a model), IoU
 cannot tell a good box from a hallucinated one; the paper checks such boxes by asking a VLM about
 the crop. For every claimed box this stage crops the frame the claim was checked on (see
-`stages.align.check_time`), asks `prompt` ("Is this a {object}? ...") through any backend of
+`stages.lib.truth.check_time`), asks `prompt` ("Is this a {object}? ...") through any backend of
 `stages.backends` (`verify.backend`, same config keys as `annotator`), and reads yes/no. It writes
 `scores.claims[].verified` and `scores.verify`, the fraction of boxes confirmed (1.0 when a trace
 claims no box), which the `verified` filter rule thresholds.
@@ -18,20 +18,20 @@ Responses are cached under `<run>/cache/verify/` like annotate's, so a resumed b
 """
 from __future__ import annotations
 
-import io
 import re
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.registry import register_stage
 from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_error
-from stages.align import GroundTruth, check_time
-from stages.annotate import FrameReader
-from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed, make_backend
+from stages.backends import Backend, RequestFailed, make_backend
+from stages.lib.chat import ChatRequest, LabelledImage
+from stages.lib.media import FrameReader, crop
 from stages.lib.response_cache import ResponseCache
 from stages.lib.schema import SCORES, conform
+from stages.lib.truth import GroundTruth, check_time
 
 CACHE_SUBDIR = "cache/verify"
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
@@ -47,29 +47,8 @@ def read_yes_no(text: str) -> bool:
     return bool(match) and match.group(1).lower() == "yes"
 
 
-def crop(jpeg: bytes, box: Sequence[float], padding: float, min_side: int, quality: int = 90) -> bytes:
-    """The box (canonical normalised xyxy) cut from the frame, grown by `padding` of its size on each
-    side (a little context helps a VLM name what it sees), at least `min_side` pixels a side."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(jpeg)) as image:
-        image = image.convert("RGB")
-        w, h = image.size
-        x1, y1, x2, y2 = (float(v) for v in box)
-        pad_x, pad_y = padding * (x2 - x1), padding * (y2 - y1)
-        left, right = np.clip([x1 - pad_x, x2 + pad_x], 0.0, 1.0) * w
-        top, bottom = np.clip([y1 - pad_y, y2 + pad_y], 0.0, 1.0) * h
-        region = image.crop((int(left), int(top), max(int(right), int(left) + 1), max(int(bottom), int(top) + 1)))
-        if min(region.size) < min_side:
-            scale = min_side / min(region.size)
-            region = region.resize((max(1, round(region.width * scale)), max(1, round(region.height * scale))))
-        out = io.BytesIO()
-        region.save(out, format="JPEG", quality=quality)
-        return out.getvalue()
-
-
 @register_stage
-class Verify(Stage):
+class VerifyStage(Stage):
     """Crop every claimed box, ask the VLM about it, record the verdicts in `scores`."""
 
     name = "verify"

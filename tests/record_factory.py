@@ -103,10 +103,10 @@ def build_run(run, n: int = 12) -> dict[str, Any]:
 
     from pipeline.stage import LEDGER_SCHEMA
     from pipeline.testing import unit_context
-    from stages.align import Align
-    from stages.filter import Filter
+    from stages.align import AlignStage
+    from stages.filter import FilterStage
     from stages.lib.schema import to_table
-    from stages.shard import Shard
+    from stages.shard import ShardStage
 
     from stages.lib.evidence import split_sections
 
@@ -126,7 +126,7 @@ def build_run(run, n: int = 12) -> dict[str, Any]:
         return dataclasses.replace(unit_context(run, stage=stage, fingerprint=FINGERPRINTS[stage]), fingerprints=FINGERPRINTS)
 
     table = to_table(records)
-    for stage_cls in (Align, Filter, Shard):
+    for stage_cls in (AlignStage, FilterStage, ShardStage):
         name = stage_cls.name
         result = stage_cls({}).process(table, ctx(name))
         out = run / "stages" / name / FINGERPRINTS[name]

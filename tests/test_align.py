@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.testing import unit_context
-from stages.align import Align, align_record, name_agrees, snap
+from stages.align import AlignStage, align_record
 from stages.lib.schema import RECORD_SCHEMA, SCORES, to_table
+from stages.lib.truth import name_agrees, snap
 from tests.record_factory import SQUARE_BOX, circle_box, make_record
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_stage_fills_scores_and_keeps_everything_else(tmp_path):
     rows = [make_record(i, with_jpeg=True, response=_response(think)) for i in range(3)]
     rows.append(make_record(9, response="no tags at all"))
     table = to_table(rows)
-    result = Align({}).process(table, unit_context(tmp_path, stage="align"))
+    result = AlignStage({}).process(table, unit_context(tmp_path, stage="align"))
     out = result.table
     assert result.rejections == [] and out.schema == RECORD_SCHEMA and out.num_rows == 4
     assert out.schema.field("scores").type == SCORES
@@ -133,13 +134,13 @@ def test_stage_fills_scores_and_keeps_everything_else(tmp_path):
 
 
 def test_config_validation():
-    assert Align.validate_config({"gt_tolerance_s": 0.1}) == []
-    assert [p.split(":")[0] for p in Align.validate_config({"gt_tolerance_s": -1, "answer_ok_at": 2})] == [
+    assert AlignStage.validate_config({"gt_tolerance_s": 0.1}) == []
+    assert [p.split(":")[0] for p in AlignStage.validate_config({"gt_tolerance_s": -1, "answer_ok_at": 2})] == [
         "gt_tolerance_s", "answer_ok_at"]
 
 
 def test_ground_truth_from_arrow_equals_from_python():
-    from stages.align import GroundTruth
+    from stages.lib.truth import GroundTruth
 
     shuffled = make_record(1)
     shuffled["gt"]["objects"][0]["track"] = shuffled["gt"]["objects"][0]["track"][::-1]  # unsorted track

@@ -17,9 +17,11 @@ import pytest
 from PIL import Image
 
 from pipeline.testing import unit_context
-from stages.lib import evidence
-from stages.annotate import AnnotateStage, FrameReader, PromptSet, record_context
+from stages.annotate import AnnotateStage
 from stages.backends.template import PHRASES_SHA
+from stages.lib import evidence
+from stages.lib.media import FrameReader
+from stages.lib.prompts import PromptSet, record_context
 from stages.lib.response_cache import ResponseCache
 from stages.lib.schema import TASKS, to_table
 

@@ -20,9 +20,10 @@ from typing import Any, Callable
 import pytest
 
 from pipeline.testing import unit_context
-from stages.annotate import AnnotateStage, FrameReader
-from stages.backends import ChatRequest, LabelledImage, RequestFailed, make_backend
-from stages.lib.chat import IMAGE_END, LABEL_END, frames_content, frames_text
+from stages.annotate import AnnotateStage
+from stages.backends import RequestFailed, make_backend
+from stages.lib.chat import IMAGE_END, LABEL_END, ChatRequest, LabelledImage, content_text, frames_content
+from stages.lib.media import FrameReader
 from stages.lib.response_cache import ResponseCache
 from stages.lib.schema import to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
@@ -211,7 +212,7 @@ def test_annotate_through_a_real_local_endpoint_and_never_pays_twice(tmp_path, t
         labels = [image.label for image in request.images]
         assert labels[0] == "Frame 1 at 0.5 s:"
         assert shown.startswith(f"{labels[0]} <image>\n{labels[1]} <image>\n{labels[2]} <image>\n")
-        assert shown == frames_text(labels, request.prompt, "<image>")
+        assert shown == content_text(frames_content(labels, request.prompt), "<image>")
         assert row0["provenance"]["annotator"] == "openai"
         assert row0["provenance"]["model"] == "tiny-qwen@main"
         # a resumed unit (new stage instance, same run directory) answers from the cache

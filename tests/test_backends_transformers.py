@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 
 from pipeline.testing import unit_context
-from stages.annotate import AnnotateStage, FrameReader
-from stages.backends import ChatRequest, LabelledImage, make_backend
+from stages.annotate import AnnotateStage
+from stages.backends import make_backend
 from stages.backends.transformers_backend import chat_messages
+from stages.lib.chat import ChatRequest, LabelledImage
+from stages.lib.media import FrameReader
 from stages.lib.schema import to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
 

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm")
 
 from pipeline.testing import unit_context  # noqa: E402
-from stages.annotate import AnnotateStage, FrameReader  # noqa: E402
+from stages.annotate import AnnotateStage  # noqa: E402
+from stages.lib.media import FrameReader  # noqa: E402
 from stages.lib.schema import to_table  # noqa: E402
 from tests.test_annotate import annotator_config, jpeg, seed_record  # noqa: E402
 

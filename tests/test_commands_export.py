@@ -10,8 +10,11 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from stages.commands.export import OPEN_O3_TASKS, question_text
+from stages.commands._records import locate
+from stages.commands.export import OPEN_O3_TASKS, question_text, training_view
+from stages.lib.chat import content_text
 from stages.lib.geometry import CANONICAL
+from stages.lib.render import render_example
 from stages.lib.schema import TASKS
 from stages.lib.targets import frame_from_dict
 from tests.record_factory import SQUARE_BOX, build_run, circle_box
@@ -58,15 +61,36 @@ def test_verl_parquet(run, tmp_path, capsys):
     assert truth["answer"] == "[0.0, 5.0]" and truth["answer_span"] == [0.0, 5.0]
     assert truth["key_frames"] == [{"t_s": 2.0, "objects": [{"name": "red circle", "box": circle_box(2.0)},
                                                             {"name": "blue square", "box": SQUARE_BOX}]}]
-    assert frame_from_dict(truth["frame"]) == CANONICAL  # what VERL_SYSTEM asks the model to write
-    user = row["prompt"][1]["content"]
-    assert row["prompt"][0]["role"] == "system" and user.count("<image>") == len(row["images"]) == 12
-    assert user.startswith("Frame 1 at 0 s: <image>\nFrame 2 at 0.5 s: <image>\n")
-    assert user.endswith("<image>\nWhere is the red circle when it passes the middle?")
+    # the prompt is what `stgr train rl` renders (conf/train/rl.yaml: Qwen2.5-VL's pixel grid, no system turn)
+    policy, data = training_view()
+    record = locate(str(path / "dataset")).record(row["extra_info"]["id"])
+    example = render_example(record, policy, data["instruction"], data["system_prompt"])
+    assert frame_from_dict(truth["frame"]) == example.frame and example.frame.name == "qwen2.5-vl"
+    assert [m["role"] for m in row["prompt"]] == ["user"]
+    user = row["prompt"][0]["content"]
+    assert user == content_text(example.prompt()[0]["content"], "<image>")
+    assert user.count("<image>") == len(row["images"]) == 12
+    assert "\nFrame 1 at 0 s: <image>\nFrame 2 at 0.5 s: <image>\n" in user
+    assert "<image>\nWhere is the red circle when it passes the middle?\nBoxes are [x1,y1,x2,y2] on a" in user
     Image.open(io.BytesIO(row["images"][0]["bytes"])).verify()
     assert row["ability"] == "spatio_temporal" and row["data_source"] == "stgr/synthetic"
     assert json.loads(row["extra_info"]["key_frames"])[0]["t_s"] == 2.0
     assert list(row["extra_info"]["answer_span"]) == [0.0, 5.0]
+
+
+def test_verl_prompts_follow_training_overrides(run, tmp_path):
+    """`--train` overrides change the prompt as they change training's: the frame count, the box grid
+    (and with it the reward target's frame) and the system turn."""
+    path, _ = run
+    out = tmp_path / "verl.parquet"
+    assert main(["export", str(path), "--format", "verl", "--out", str(out), "--train", "data.max_frames=4",
+                 "model.box_frame=normalised", "data.system_prompt=You ground your answers."]) == 0
+    row = pd.read_parquet(out).iloc[0]
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"] and row["prompt"][0]["content"] == "You ground your answers."
+    assert row["prompt"][1]["content"].count("<image>") == len(row["images"]) == 4
+    assert "on a 1 x 1 grid" in row["prompt"][1]["content"]
+    assert frame_from_dict(json.loads(row["reward_model"]["ground_truth"])["frame"]) == CANONICAL
+    assert main(["export", str(path), "--format", "open-o3", "--out", str(tmp_path / "o3"), "--train", "data.max_frames=4"]) == 2
 
 
 def test_verl_ground_truth_scores_with_compute_score(run, tmp_path):
@@ -76,7 +100,7 @@ def test_verl_ground_truth_scores_with_compute_score(run, tmp_path):
 
     path, _ = run
     out = tmp_path / "verl.parquet"
-    assert main(["export", str(path), "--format", "verl", "--out", str(out)]) == 0
+    assert main(["export", str(path), "--format", "verl", "--out", str(out), "--train", "model.box_frame=normalised"]) == 0
     rows = pd.read_parquet(out)
     assert len(rows) > 0
     x1, y1, x2, y2 = circle_box(2.0)

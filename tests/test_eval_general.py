@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import ConfigError, InputError
-from train.data import FramePolicy
+from stages.lib.render import FramePolicy
 from train.eval.mcq import McqEval, parse_choice
 from train.eval.mcq_data import detect_format, lettered_options, load_mcq
 from train.evaluate import load_config, run_eval

@@ -6,8 +6,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.testing import unit_context
-from stages.align import Align
-from stages.filter import RULES, Filter
+from stages.align import AlignStage
+from stages.filter import RULES, FilterStage
 from stages.lib.schema import to_table
 from tests.record_factory import circle_box, make_record
 
@@ -31,7 +31,7 @@ GOOD = [0.3, 0.2, 0.5, 0.5]
 
 
 def _run(records, config=None, tmp_path=Path("/tmp")):
-    return Filter(config or yaml.safe_load(CONF.read_text())).process(to_table(records), unit_context(tmp_path, stage="filter"))
+    return FilterStage(config or yaml.safe_load(CONF.read_text())).process(to_table(records), unit_context(tmp_path, stage="filter"))
 
 
 def test_each_rule_rejects_what_it_names(tmp_path):
@@ -108,8 +108,8 @@ def test_config_defaults_match_the_rules_and_validation(tmp_path):
     assert set(conf["rules"]) == set(RULES)
     for name, entry in conf["rules"].items():
         assert entry["threshold"] == RULES[name].threshold and entry["enabled"] == RULES[name].enabled
-    assert Filter.validate_config(conf) == []
-    problems = Filter.validate_config({"rules": {"nope": {}, "claim_iou": {"threshold": "high", "enable": True},
+    assert FilterStage.validate_config(conf) == []
+    problems = FilterStage.validate_config({"rules": {"nope": {}, "claim_iou": {"threshold": "high", "enable": True},
                                                  "answer_agrees": {"threshold": {"temporal": "x", "talk": 1}}}})
     assert any(p.startswith("rules.nope: unknown rule") for p in problems)
     assert any(p.startswith("rules.claim_iou: unknown key(s) ['enable']") for p in problems)
@@ -125,8 +125,8 @@ def test_align_then_filter_on_real_traces(tmp_path):
     records = [make_record(0, answer=None, answer_span=[0.0, 5.0], response=good),
                make_record(1, answer=None, answer_span=[0.0, 5.0], response=wrong),
                make_record(2, answer=None, answer_span=[0.0, 5.0], response="I cannot see the video.")]
-    aligned = Align({}).process(to_table(records), unit_context(tmp_path, stage="align")).table
-    result = Filter(yaml.safe_load(CONF.read_text())).process(aligned, unit_context(tmp_path, stage="filter"))
+    aligned = AlignStage({}).process(to_table(records), unit_context(tmp_path, stage="align")).table
+    result = FilterStage(yaml.safe_load(CONF.read_text())).process(aligned, unit_context(tmp_path, stage="filter"))
     assert result.table.column("id").to_pylist() == [records[0]["id"]]
     rules = {(r.id, r.rule) for r in result.rejections}
     assert (records[1]["id"], "claim_iou") in rules

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stages.lib import geometry
-from train.data import frame_to_dict
+from stages.lib.targets import frame_to_dict
 from train.rewards import (
     COMPONENTS,
     RewardConfig,

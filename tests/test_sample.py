@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.testing import unit_context
-from stages.sample import SampleStage
+from stages.lib.media import encode_jpeg
 from stages.lib.schema import RECORD_SCHEMA, record_id, to_table
+from stages.sample import SampleStage
 from stages.source import SourceStage
 from stages.sources.synthetic_world import encode_mp4
 
@@ -56,7 +57,8 @@ def test_vidstg_frames_are_the_pixels_decord_gives_for_those_indices(fixtures_di
     assert [f["t_s"] for f in record["frames"]] == pytest.approx(stamps.tolist(), abs=1e-5)
     for frame in record["frames"][::4]:
         pixels = reader[frame["index"]].asnumpy()
-        assert frame["jpeg"] == stage._jpeg(pixels), f"frame {frame['index']} differs from decord's"
+        assert frame["jpeg"] == encode_jpeg(pixels, SAMPLE["jpeg_max_side"], SAMPLE["jpeg_quality"]), \
+            f"frame {frame['index']} differs from decord's"
     uniform = [f["t_s"] for f in record["frames"] if f["index"] not in key_indices]
     spacing = (552 - 80) / fps / (32 - 3)  # 2 fps would want 32 frames; the cap leaves 29 beside the key frames
     assert np.diff(uniform).max() < spacing + 1.01 / fps and len(indices) == 32

@@ -14,7 +14,7 @@ import pytest
 from pipeline.stage import LEDGER_SCHEMA, Rejection
 from pipeline.testing import unit_context
 from stages.lib.schema import RECORD_SCHEMA, SCHEMA_VERSION, to_table
-from stages.shard import Shard, split_of
+from stages.shard import ShardStage, split_of
 from tests.record_factory import make_record
 
 FINGERPRINTS = {"source": "s" * 16, "sample": "a" * 16, "annotate": "n" * 16, "align": "l" * 16,
@@ -62,7 +62,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
     # a ledger of an older config of the same stage must not be counted
     _write_ledger(run, "filter", "0" * 16, [Rejection(id="x9", rule="claim_iou", reason="old")])
     table = _records(40)
-    stage = Shard({"rl_fraction": 0.5, "target_shard_mb": 0.05})
+    stage = ShardStage({"rl_fraction": 0.5, "target_shard_mb": 0.05})
     result = stage.process(table, _ctx(run))
 
     out = result.table
@@ -108,7 +108,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
 def test_loads_with_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     run = tmp_path / "run"
-    Shard({"rl_fraction": 0.25}).process(_records(12), _ctx(run))
+    ShardStage({"rl_fraction": 0.25}).process(_records(12), _ctx(run))
     cot = datasets.load_dataset("parquet", data_dir=str(run / "dataset" / "stgr-cot"), split="train",
                                 cache_dir=str(tmp_path / "hf"))
     rl = datasets.load_dataset(str(run / "dataset"), "stgr-rl", split="train", cache_dir=str(tmp_path / "hf"))
@@ -118,10 +118,10 @@ def test_loads_with_datasets(tmp_path):
 
 def test_replaces_a_previous_dataset_whole_and_is_idempotent(tmp_path):
     run = tmp_path / "run"
-    Shard({"rl_fraction": 0.5}).process(_records(10), _ctx(run, fingerprint="1" * 16))
+    ShardStage({"rl_fraction": 0.5}).process(_records(10), _ctx(run, fingerprint="1" * 16))
     # debris of a killed attempt of the new unit
     (run / f".dataset.tmp-{'2' * 16}-1" / "stgr-cot").mkdir(parents=True)
-    Shard({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16))
+    ShardStage({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16))
     manifest = json.loads((run / "dataset" / "manifest.json").read_text())
     assert manifest["fingerprint"] == "2" * 16 and manifest["rows"] == 6
     assert len(pd.read_parquet(run / "dataset" / "stgr-cot")) + len(pd.read_parquet(run / "dataset" / "stgr-rl")) == 6
@@ -129,13 +129,13 @@ def test_replaces_a_previous_dataset_whole_and_is_idempotent(tmp_path):
 
     # a straggler of the same unit (same fingerprint) leaves the committed dataset untouched
     before = {p: p.stat().st_mtime_ns for p in (run / "dataset").rglob("*")}
-    Shard({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16, attempt=2))
+    ShardStage({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16, attempt=2))
     assert {p: p.stat().st_mtime_ns for p in (run / "dataset").rglob("*")} == before
 
 
 def test_empty_input_gives_an_empty_but_loadable_dataset(tmp_path):
     run = tmp_path / "run"
-    Shard({}).process(to_table([]), _ctx(run))
+    ShardStage({}).process(to_table([]), _ctx(run))
     assert len(pd.read_parquet(run / "dataset" / "stgr-rl")) == 0
     assert json.loads((run / "dataset" / "manifest.json").read_text())["rows"] == 0
 
@@ -143,12 +143,12 @@ def test_empty_input_gives_an_empty_but_loadable_dataset(tmp_path):
 def test_duplicate_ids_are_an_error(tmp_path):
     rec = make_record(0)
     with pytest.raises(ValueError, match="occur more than once"):
-        Shard({}).process(to_table([rec, rec]), _ctx(tmp_path / "run"))
+        ShardStage({}).process(to_table([rec, rec]), _ctx(tmp_path / "run"))
 
 
 def test_config_validation():
-    assert Shard.validate_config({"rl_fraction": 0.3}) == []
-    problems = Shard.validate_config({"rl_fraction": 1.5, "target_shard_mb": 0, "output": "../x"})
+    assert ShardStage.validate_config({"rl_fraction": 0.3}) == []
+    problems = ShardStage.validate_config({"rl_fraction": 1.5, "target_shard_mb": 0, "output": "../x"})
     assert [p.split(":")[0] for p in problems] == ["rl_fraction", "target_shard_mb", "output"]
 
 

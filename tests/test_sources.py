@@ -11,11 +11,11 @@ import pytest
 from pipeline.errors import ConfigError, InputError
 from pipeline.registry import get_stage
 from pipeline.testing import unit_context
-from stages.align import name_agrees
 from stages.lib.geometry import pixels_to_normalised, xywh_to_xyxy
 from stages.lib.schema import RECORD_SCHEMA, TASKS
-from stages.sources import adapter_names, get_adapter
+from stages.lib.truth import name_agrees
 from stages.source import SourceStage
+from stages.sources import adapter_names, get_adapter
 
 
 def build(config: dict, tmp_path: Path, partition: int = 0):

@@ -79,7 +79,8 @@ def test_released_records_build_to_rows_that_pass_the_filter(built) -> None:
 
 
 def test_each_rows_answer_scores_full_accuracy_as_reward_and_in_evaluation(built, tmp_path: Path) -> None:
-    from train.data import FramePolicy, load_records, render_example
+    from stages.lib.render import FramePolicy, render_example
+    from train.data import load_records
     from train.evaluate import load_config, run_eval
     from train.rewards import make_reward_funcs
 

@@ -12,15 +12,10 @@ import pytest
 from pipeline.errors import InputError
 from stages.lib import evidence
 from stages.lib.geometry import CANONICAL
+from stages.lib.render import FramePolicy, render_example, select_frames
 from stages.lib.schema import to_table
 from tests.train_toy import toy_record, write_toy_dataset
-from train.data import (
-    FramePolicy,
-    iter_examples,
-    load_records,
-    render_example,
-    select_frames,
-)
+from train.data import iter_examples, load_records
 
 TINY_MODEL_CFG = {"path": None, "min_pixels": 3136, "max_pixels": 50176, "box_frame": "qwen2.5-vl"}
 POLICY = FramePolicy(max_frames=3, min_pixels=3136, max_pixels=50176)
@@ -136,7 +131,7 @@ def test_training_and_evaluation_prompts_lay_out_frames_alike(toy: Path, tiny_mo
     from transformers import AutoProcessor
 
     from stages.backends.transformers_backend import chat_messages
-    from train.eval.runner import request_from_messages
+    from stages.lib.render import request_from_messages
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     ex = render_example(load_records(toy, "stgr-cot")[0], POLICY, "Answer in the grammar.", "You see videos.")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from stages.lib.render import FramePolicy
 from train.common import load_config, prepare_run_dir, read_log
-from train.data import FramePolicy, iter_examples, load_records
+from train.data import iter_examples, load_records
 from train.rewards import score_all
 
 

@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from pipeline.testing import unit_context
-from stages.align import Align
-from stages.filter import Filter
+from stages.align import AlignStage
+from stages.filter import FilterStage
+from stages.lib.media import crop
 from stages.lib.schema import to_table
-from stages.verify import Verify, crop, read_yes_no
+from stages.verify import VerifyStage, read_yes_no
 from tests.record_factory import circle_box, grounded_response, jpeg, make_record
 
 PROMPT = "Is this a {object}? Answer yes or no."
@@ -20,7 +21,7 @@ PROMPT = "Is this a {object}? Answer yes or no."
 
 def _aligned(tmp_path, n=2):
     records = [make_record(i, with_jpeg=True, answer=None, answer_span=[0.0, 5.0], response=grounded_response(1.0)) for i in range(n)]
-    return Align({}).process(to_table(records), unit_context(tmp_path, stage="align")).table
+    return AlignStage({}).process(to_table(records), unit_context(tmp_path, stage="align")).table
 
 
 def test_crop_cuts_the_claimed_box():
@@ -47,14 +48,14 @@ def test_verdicts_feed_the_filter(tmp_path):
         {"match": {"task": "verify", "object": "blue square"}, "completion": "No, that is a door."},
     ]))
     config = {"backend": "replay", "completions": str(completions), "prompt": PROMPT}
-    assert Verify.validate_config(config) == []
-    result = Verify(config).process(_aligned(tmp_path), unit_context(tmp_path, stage="verify"))
+    assert VerifyStage.validate_config(config) == []
+    result = VerifyStage(config).process(_aligned(tmp_path), unit_context(tmp_path, stage="verify"))
     assert result.rejections == [] and result.table.num_rows == 2
     scores = result.table.column("scores").to_pylist()
     assert [c["verified"] for c in scores[0]["claims"]] == [True, False]
     assert scores[0]["verify"] == 0.5 and scores[0]["claims"][0]["iou"] == pytest.approx(1.0, abs=1e-3)
     strict = {"rules": {"verified": {"enabled": True, "threshold": 0.75}}}
-    filtered = Filter(strict).process(result.table, unit_context(tmp_path, stage="filter"))
+    filtered = FilterStage(strict).process(result.table, unit_context(tmp_path, stage="filter"))
     assert filtered.table.num_rows == 0 and {r.rule for r in filtered.rejections} == {"verified"}
 
 
@@ -62,7 +63,7 @@ def test_a_real_tiny_vlm_answers_about_the_crops(tmp_path, tiny_model_dir):
     config = {"backend": "transformers", "model": str(tiny_model_dir), "device": "cpu", "dtype": "float32",
               "prompt": PROMPT, "max_new_tokens": 4}
     run = tmp_path / "run"
-    result = Verify(config).process(_aligned(tmp_path, n=1), unit_context(run, stage="verify"))
+    result = VerifyStage(config).process(_aligned(tmp_path, n=1), unit_context(run, stage="verify"))
     claims = result.table.column("scores").to_pylist()[0]["claims"]
     assert all(isinstance(c["verified"], bool) for c in claims)  # a random model's words are read, not trusted
     cached = list((run / "cache" / "verify").rglob("*.json"))
@@ -70,6 +71,6 @@ def test_a_real_tiny_vlm_answers_about_the_crops(tmp_path, tiny_model_dir):
 
 
 def test_config_validation():
-    problems = Verify.validate_config({"backend": "replay", "prompt": "Is it there?", "api_key": "x"})
+    problems = VerifyStage.validate_config({"backend": "replay", "prompt": "Is it there?", "api_key": "x"})
     assert [p.split(":")[0] for p in problems] == ["prompt", "api_key"]
-    assert Verify.validate_config({"prompt": PROMPT})[0].startswith("backend: required")
+    assert VerifyStage.validate_config({"prompt": PROMPT})[0].startswith("backend: required")

@@ -23,10 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import compose
 from pipeline.errors import ConfigError, InputError
 from stages.backends import Backend, make_backend
-from train.data import FramePolicy
+from stages.lib.render import FramePolicy
 from train.eval.judge import JudgeCalls
-from train.eval.mcq_data import FORMATS as MCQ_FORMATS
-from train.eval.mcq_data import detect_format as detect_mcq_format
+from train.eval.mcq_data import FORMATS as MCQ_FORMATS, detect_format as detect_mcq_format
 from train.eval.report import vstar_groups, vstar_markdown
 from train.eval.runner import Runner
 from train.eval.store import CompletionStore, fingerprint

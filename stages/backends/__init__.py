@@ -1,62 +1,15 @@
 """Model backends shared by `annotate`, `verify` and evaluation: one interface, chosen by name.
 
-A backend turns chat requests (text plus frames labelled with their times) into completions. The
-annotator, the verifier and `stgr eval` all go through it, so a model that works for one works for
-all. Backends register with `register_backend`; heavy libraries are imported in `__init__`/`load`.
+A backend turns chat requests (`stages.lib.chat.ChatRequest`: text plus frames labelled with their
+times) into completions. The annotator, the verifier and `stgr eval` all go through it, so a model
+that works for one works for all. Backends register with `register_backend`; heavy libraries are imported in `__init__`/`load`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
-
-@dataclass(frozen=True)
-class LabelledImage:
-    """One frame as JPEG bytes, with the text shown just before it (e.g. `Frame 3 at 1.5 s:`)."""
-
-    jpeg: bytes
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    """A single-turn chat: optional system text, the labelled images, then the user prompt."""
-
-    prompt: str
-    images: tuple[LabelledImage, ...] = ()
-    system: str | None = None
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    #: The structured facts the prompt was rendered from (task, ground truth, record id). Model
-    #: backends never read it (the prompt already carries it, so it stays out of the cache key);
-    #: the `template` backend writes its answer from it alone.
-    context: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    def sampling(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, **dict(self.extra)}
-
-    def frames_digest(self) -> str:
-        h = hashlib.sha256()
-        for image in self.images:
-            h.update(hashlib.sha256(image.jpeg).digest())
-            h.update(image.label.encode())
-        return h.hexdigest()
-
-    def cache_key(self, model_id: str) -> str:
-        """hash(model + revision, prompt, frames digest, sampling params): what a response depends on."""
-        payload = json.dumps(
-            {"model": model_id, "system": self.system, "prompt": self.prompt,
-             "frames": self.frames_digest(), "sampling": self.sampling()},
-            sort_keys=True, default=str,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()
+from stages.lib.chat import ChatRequest
 
 
 class RequestFailed(Exception):

@@ -22,8 +22,8 @@ import random
 import threading
 from typing import Any, Mapping, Sequence
 
-from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
-from stages.lib.chat import frames_content
+from stages.backends import PerRequestBackend, RequestFailed, register_backend
+from stages.lib.chat import ChatRequest, frames_content
 
 #: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})

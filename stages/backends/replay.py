@@ -21,7 +21,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from stages.backends import Backend, ChatRequest, register_backend
+from stages.backends import Backend, register_backend
+from stages.lib.chat import ChatRequest
 
 
 @register_backend

@@ -18,9 +18,9 @@ written inside the clip (`written_time`); "first appears" / "last seen" are said
 "still" or "it" across objects. The answer is the record's own answer verbatim (letter, letter +
 span, span, box or text), so it scores full through the one answer scorer (stages/lib/answers.py).
 
-The phrasebook also writes the question of a seed that has none (`write_question`): the annotate
-stage asks it before prompting any model, so every backend reasons about a question that follows
-from the ground truth.
+The question of a seed that has none is written before any backend is asked, by
+`stages.lib.prompts.write_question`, so every backend reasons about a question that follows from the
+ground truth.
 """
 from __future__ import annotations
 
@@ -30,38 +30,19 @@ import math
 import random
 from typing import Any, Mapping, Sequence
 
-from stages.align import name_agrees
-from stages.backends import ChatRequest, PerRequestBackend, RequestFailed, register_backend
+from stages.backends import PerRequestBackend, RequestFailed, register_backend
 from stages.lib.answers import answer_truth
+from stages.lib.chat import ChatRequest
 from stages.lib.evidence import Claim, render_claim
 from stages.lib.geometry import CANONICAL
+from stages.lib.prompts import QUESTIONS, event_label, record_rng, subject_of
+from stages.lib.truth import name_agrees
 
 #: Phrase tables. Placeholders: {obj} object name, {cite} a rendered claim, {label} an event,
-#: {t}/{s}/{e} times as written in `<t>`, {answer} the answer text, {n} a count.
+#: {t}/{s}/{e} times as written in `<t>`, {answer} the answer text, {n} a count. The questions a seed
+#: without one is asked are `stages.lib.prompts.QUESTIONS`, written for every backend.
 PHRASES: dict[str, Any] = {
     "version": "template-v2",
-    "questions": {
-        "spatio_temporal": [
-            "When is the {obj} visible in the video, and where is it?",
-            "During which seconds does the {obj} appear, and where is it in the frame?",
-            "Find the {obj}: in what time span is it on screen, and where?",
-        ],
-        "temporal": [
-            "During which seconds does {label} happen?",
-            "When does {label} take place? Give the start and end time.",
-            "In what time span of the video does {label} occur?",
-        ],
-        "temporal_object": [
-            "During which seconds is the {obj} visible?",
-            "When is the {obj} on screen? Give the start and end time.",
-            "In what time span of the video can the {obj} be seen?",
-        ],
-        "spatial": [
-            "Where is the {obj} at {t} s?",
-            "At {t} s, where in the frame is the {obj}?",
-            "Give the box of the {obj} in the frame at {t} s.",
-        ],
-    },
     "openers": {
         "spatio_temporal": [
             "I look for the {obj} frame by frame.",
@@ -155,12 +136,9 @@ PHRASES: dict[str, Any] = {
     },
 }
 
-PHRASES_SHA = hashlib.sha256(json.dumps(PHRASES, sort_keys=True).encode()).hexdigest()
-
-
-def _rng(record_id: str, salt: str) -> random.Random:
-    digest = hashlib.sha256(f"{record_id}\x1f{salt}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+#: The template's version in provenance: its phrase tables and the questions it answers (the value is the
+#: one these tables had when the questions were part of them).
+PHRASES_SHA = hashlib.sha256(json.dumps({**PHRASES, "questions": QUESTIONS}, sort_keys=True).encode()).hexdigest()
 
 
 def _time(seconds: float) -> str:
@@ -191,18 +169,6 @@ def _sentence(template: str, **words: Any) -> str:
     return text[:-1] if text.endswith(("..", "?.", "!.")) else text
 
 
-def _subject(context: Mapping[str, Any]) -> str | None:
-    """The object the question is about: the first ground-truth object with a track."""
-    objects = context.get("objects") or []
-    return objects[0]["name"] if objects else None
-
-
-def _event_label(context: Mapping[str, Any]) -> str | None:
-    """The first ground-truth event's label, when the source names one."""
-    spans = context.get("spans") or []
-    return str(spans[0]["label"]) if spans and spans[0].get("label") else None
-
-
 def _identity(name: str, context: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The one ground-truth object (with a track) a cited name refers to, or None where it is not
     one: the object of that name, else the only object the name names in align's sense (a key
@@ -213,36 +179,6 @@ def _identity(name: str, context: Mapping[str, Any]) -> Mapping[str, Any] | None
         return exact[0] if len(exact) == 1 else None
     named = [o for o in objects if name_agrees(name, o["name"])]
     return named[0] if len(named) == 1 else None
-
-
-def write_question(context: Mapping[str, Any]) -> str:
-    """A question that follows from the ground truth, for a seed without one.
-
-    The annotate stage calls it before prompting any backend. Raises ValueError naming the record and
-    what is missing where the ground truth cannot support a question (multiple-choice and open
-    questions need the source's question and options).
-    """
-    task, rid = context["task"], str(context.get("id"))
-    questions = PHRASES["questions"]
-    if task not in questions:
-        raise ValueError(f"record {rid}: field 'question' is empty and a {task} question cannot be written from "
-                         "ground truth (it needs the source's question)")
-    rng = _rng(rid, "question")
-    evidence = context.get("evidence") or []
-    subject = _subject(context) or (evidence[0]["objects"][0]["name"] if evidence else None)
-    label = _event_label(context)
-    if task == "temporal" and label is not None:
-        return rng.choice(questions["temporal"]).format(label=label)
-    if subject is None:
-        raise ValueError(f"record {rid}: field 'question' is empty and 'gt' has no object or event to ask about")
-    if task == "temporal":
-        return rng.choice(questions["temporal_object"]).format(obj=subject)
-    if task == "spatial":
-        if not evidence:
-            raise ValueError(f"record {rid}: a spatial question needs a ground-truth box at a sampled frame time")
-        return rng.choice(questions["spatial"]).format(obj=evidence[0]["objects"][0]["name"],
-                                                        t=_time(evidence[0]["t_s"]))
-    return rng.choice(questions[task]).format(obj=subject)
 
 
 Entry = tuple[float, list[tuple[str, str]]]
@@ -305,12 +241,12 @@ def write_response(context: Mapping[str, Any], max_cites: int = 3) -> str:
     if answer is None:
         raise RequestFailed(f"record {rid}: no ground-truth answer (field 'answer' is empty and 'gt' does not "
                             f"determine a {task} answer); the template annotator only restates the truth")
-    rng = _rng(rid, "response")
+    rng = record_rng(rid, "response")
     evidence = context.get("evidence") or []
-    subject = _subject(context)
+    subject = subject_of(context)
     if task == "spatial" and evidence:
         subject = evidence[0]["objects"][0]["name"]
-    label = _event_label(context)
+    label = event_label(context)
     words: dict[str, Any] = {"obj": subject or "object", "label": label or "the event", "answer": answer}
     sentences = [_sentence(rng.choice(PHRASES["openers"][task]), **words)]
 

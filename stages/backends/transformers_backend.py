@@ -13,8 +13,8 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stages.backends import Backend, ChatRequest, register_backend
-from stages.lib.chat import frames_content
+from stages.backends import Backend, register_backend
+from stages.lib.chat import ChatRequest, frames_content
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:

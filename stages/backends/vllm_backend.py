@@ -18,8 +18,8 @@ from __future__ import annotations
 import io
 from typing import Any, Mapping, Sequence
 
-from stages.backends import Backend, ChatRequest, register_backend
-from stages.lib.chat import frames_content
+from stages.backends import Backend, register_backend
+from stages.lib.chat import ChatRequest, frames_content
 
 INPUT_MODES = ("video", "images")
 

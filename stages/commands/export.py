@@ -10,13 +10,18 @@
   path}]` (sorted by time, path relative to `kfs/`), `key_items {idx: {name: [[x1, y1, x2, y2], ...]}}`
   in normalised coordinates, as upstream's Gemini-annotated sets, and `stgr {source, task, answer,
   answer_span}`: the record's own ground truth, which the `stgr_json` adapter reads back.
-- `verl`: one Parquet file OUT in verl's RL layout: `data_source`, `prompt` (chat messages whose user
-  turn interleaves `Frame k at t s: <image>` with the question, in `stages.lib.chat`'s layout),
-  `images` ([{bytes}], one per `<image>`), `ability` (the task), `reward_model {style: rule,
-  ground_truth}` and `extra_info` (id, split, index, task, question, answer_span, key frames as JSON).
-  `ground_truth` is the record's reward target (`stages.lib.targets.reward_target`, JSON text, boxes in
-  the normalised frame the system prompt asks for), so `train/rewards.py`'s `compute_score` scores
-  verl's rollouts with the paper's rewards unchanged.
+- `verl`: one Parquet file OUT in verl's RL layout: `data_source`, `prompt` (chat messages, each
+  content one string with `<image>` where each frame goes), `images` ([{bytes}], one per `<image>`),
+  `ability` (the task), `reward_model {style: rule, ground_truth}` and `extra_info` (id, split,
+  index, task, question, answer_span, key frames as JSON). The prompt is what `stgr train rl` shows
+  the model: the record rendered by `stages.lib.render.render_example` with the model and data
+  settings of `conf/train/rl.yaml` (the frames chosen, their `Frame k at t s:` labels, the box grid,
+  the instruction and system prompt), which `--train` takes Hydra overrides of, as training does
+  (`--train model=qwen3_vl data.max_frames=32`). `ground_truth` is the rendered example's reward target
+  (`stages.lib.targets.reward_target`, JSON text, boxes in the model's frame that the prompt names),
+  so `train/rewards.py`'s `compute_score` scores verl's rollouts with the paper's rewards unchanged.
+  A record whose boxes cannot be written in the model's frame is left out with a warning, as in
+  training.
 
 PATH is anything `stgr inspect` takes; `--split` keeps one split, `--tasks` only the tasks named (the
 released SFT script has no `temporal QA (MCQ)` branch and raises on such entries: export its file
@@ -29,22 +34,22 @@ import functools
 import json
 import operator
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError
-from stages.lib import evidence
-from stages.annotate import FrameReader
-from stages.backends import LabelledImage
-from stages.lib.chat import frames_text
+from pipeline.config import compose
+from pipeline.errors import ConfigError, InputError
 from stages.commands._records import locate
-from stages.lib.geometry import CANONICAL
+from stages.lib import evidence
+from stages.lib.chat import LabelledImage, content_text
+from stages.lib.media import FrameReader, jpeg_bytes, time_order
+from stages.lib.render import FramePolicy, RenderError, render_example
 from stages.lib.schema import TASKS
-from stages.lib.targets import reward_target
 
 OPEN_O3_TASKS: dict[str, str] = {
     "spatio_temporal": "temporal-spatial free-form QA",
@@ -73,13 +78,6 @@ absolute `video_path` is used as it is by both (`os.path.join` drops the root)."
 
 OPEN_O3_FILES = {"sft": "STGR-SFT.json", "rl": "STGR-RL.json", None: "STGR.json"}
 
-VERL_SYSTEM = (
-    "You are given frames of a video, each labelled with its time in seconds, and a question. Think first, "
-    "then answer: put the reasoning in <think></think> and the answer in <answer></answer>. Ground the "
-    "reasoning: whenever you mention an object, write <obj>name</obj><box>[x1,y1,x2,y2]</box>at<t>seconds</t>s "
-    "with the box normalised to [0, 1] of the frame."
-)
-
 VERL_SCHEMA = pa.schema([
     ("data_source", pa.string()),
     ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -102,6 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["sft", "rl"], default=None, help="export only this split")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
                    help=f"export only records of these tasks ({', '.join(TASKS)})")
+    p.add_argument("--train", nargs="+", default=[], metavar="OVERRIDE",
+                   help="verl: Hydra overrides of conf/train/rl.yaml, the training config whose model and data "
+                   "settings render the prompts (--train model=qwen3_vl data.max_frames=32)")
     p.set_defaults(func=handler)
 
 
@@ -160,8 +161,7 @@ def _nearest(images: list[tuple[float, LabelledImage]], t: float) -> LabelledIma
 
 
 def _timed_images(record: Mapping[str, Any], reader: FrameReader) -> list[tuple[float, LabelledImage]]:
-    frames = sorted(record.get("frames") or [], key=lambda f: (f["t_s"], f.get("index") or 0))
-    return list(zip([f["t_s"] for f in frames], reader.images(record)))
+    return list(zip([f["t_s"] for f in time_order(record)], reader.images(record)))
 
 
 def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) -> dict[str, Any]:
@@ -207,41 +207,60 @@ def export_open_o3(records: Iterable[dict[str, Any]], out: str) -> dict[str, int
     return {name: len(entries) for name, entries in by_file.items()}
 
 
-def verl_row(record: Mapping[str, Any], index: int, reader: FrameReader) -> dict[str, Any]:
-    """One verl RL example: frames as `<image>` placeholders in the user turn; the reward target (boxes
-    in the normalised frame `VERL_SYSTEM` asks for) as the rule's ground truth."""
-    images = reader.images(record)
+def training_view(overrides: Sequence[str] = ()) -> tuple[FramePolicy, dict[str, Any]]:
+    """The model's frame policy and the data settings of `stgr train rl` (conf/train/rl.yaml with
+    `overrides`): what decides the prompt of every exported verl row."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose(overrides, config_name="train/rl"), resolve=True)
+    return FramePolicy.from_config(cfg["model"], cfg["data"]), cfg["data"]
+
+
+def verl_row(record: Mapping[str, Any], index: int, policy: FramePolicy, data: Mapping[str, Any],
+             reader: FrameReader) -> dict[str, Any]:
+    """One verl RL example: the record as training renders it (`render_example`), frames as `<image>`
+    placeholders in the message text; the rendered reward target (boxes in the model's frame, which
+    the prompt names) as the rule's ground truth. RenderError when the boxes cannot be written there."""
+    example = render_example(record, policy, data.get("instruction") or "", data.get("system_prompt"), reader=reader)
     key_frames = [{"t_s": kf["t_s"], "objects": [{"name": o["name"], "box": list(o["box"])} for o in kf.get("objects") or []]}
                   for kf in record.get("key_frames") or []]
     return {
         "data_source": f"stgr/{record.get('source')}",
-        "prompt": [{"role": "system", "content": VERL_SYSTEM},
-                   {"role": "user", "content": frames_text([image.label for image in images], question_text(record),
-                                                           "<image>")}],
-        "images": [{"bytes": image.jpeg} for image in images],
+        "prompt": [{"role": m["role"], "content": content_text(m["content"], "<image>")} for m in example.prompt()],
+        "images": [{"bytes": jpeg_bytes(image)} for image in example.images],
         "ability": record.get("task"),
-        "reward_model": {"style": "rule", "ground_truth": json.dumps(reward_target(record, CANONICAL))},
+        "reward_model": {"style": "rule", "ground_truth": json.dumps(example.reward_target)},
         "extra_info": {"id": record["id"], "split": record.get("split"), "index": index, "task": record.get("task"),
                        "question": record.get("question"), "answer_span": record.get("answer_span"),
                        "key_frames": json.dumps(key_frames)},
     }
 
 
-def export_verl(records: Iterable[dict[str, Any]], out: str, rows_per_group: int = 64) -> dict[str, int]:
+def export_verl(records: Iterable[dict[str, Any]], out: str, overrides: Sequence[str] = (),
+                rows_per_group: int = 64) -> dict[str, int]:
     """Write the verl Parquet file `out`, streaming row groups; returns its row count."""
+    policy, data = training_view(overrides)
     reader = FrameReader()
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    count = 0
+    count = skipped = 0
     pending: list[dict[str, Any]] = []
     with pq.ParquetWriter(out, VERL_SCHEMA) as writer:
         for record in records:
-            pending.append(verl_row(record, count, reader))
+            try:
+                pending.append(verl_row(record, count, policy, data, reader))
+            except RenderError as exc:
+                skipped += 1
+                print(f"stgr export: left out: {exc}", file=sys.stderr)
+                continue
             count += 1
             if len(pending) == rows_per_group:
                 writer.write_table(pa.Table.from_pylist(pending, schema=VERL_SCHEMA))
                 pending = []
         writer.write_table(pa.Table.from_pylist(pending, schema=VERL_SCHEMA))
+    if skipped:
+        print(f"stgr export: left out {skipped} record(s) whose boxes cannot be written in the model's frame",
+              file=sys.stderr)
     return {os.path.basename(out): count}
 
 
@@ -249,11 +268,14 @@ EXPORTERS = {"open-o3": export_open_o3, "verl": export_verl}
 
 
 def handler(args: argparse.Namespace) -> int:
+    if args.train and args.format != "verl":
+        raise ConfigError(f"--train {' '.join(args.train)}: only --format verl renders prompts from the training config")
     located = locate(args.path)
     conditions = ([pc.field("split") == args.split] if args.split else []) + \
         ([pc.field("task").isin(args.tasks)] if args.tasks else [])
     where = functools.reduce(operator.and_, conditions) if conditions else None
-    counts = EXPORTERS[args.format](located.iter_records(where), args.out)
+    records = located.iter_records(where)
+    counts = export_verl(records, args.out, args.train) if args.format == "verl" else export_open_o3(records, args.out)
     for name, n in counts.items():
         print(f"{args.out}: {name}: {n} records")
     return 0

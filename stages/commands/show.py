@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import UserError
-from stages.align import GroundTruth, snap
-from stages.annotate import FrameReader
 from stages.commands._records import locate
+from stages.lib.media import FrameReader
+from stages.lib.truth import GroundTruth, snap
 
 THUMB_WIDTH = 360
 TEXT_WIDTH = 620

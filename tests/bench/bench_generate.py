@@ -24,7 +24,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from stages.annotate import AnnotateStage, FrameReader  # noqa: E402
+from stages.annotate import AnnotateStage  # noqa: E402
+from stages.lib.media import FrameReader  # noqa: E402
 
 
 def annotator_config(extra: dict) -> dict:

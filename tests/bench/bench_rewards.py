@@ -14,7 +14,7 @@ import sys
 import time
 
 from stages.lib import geometry
-from train.data import frame_to_dict
+from stages.lib.targets import frame_to_dict
 from train.rewards import RewardConfig, _parse, make_reward_funcs
 
 

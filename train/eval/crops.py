@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from stages.lib import evidence, geometry
-from stages.backends import ChatRequest, LabelledImage
+from stages.lib.chat import ChatRequest, LabelledImage
 from train import tts
 from train.eval.runner import Call
 

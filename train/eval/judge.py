@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping
 
-from stages.backends import ChatRequest
+from stages.lib.chat import ChatRequest
 from train.eval.runner import Call, Runner
 
 INVALID = -1

@@ -1,7 +1,7 @@
 """Multiple-choice video benchmarks (Video-MME, WorldSense, VideoMMMU, generic): one grounded answer
 per question, N sampled ones for test-time scaling, and the report with the benchmarks' breakdowns.
 
-Each question is shown as for training (`train.data.render_example`: frames `data.fps` per second
+Each question is shown as for training (`stages.lib.render.render_example`: frames `data.fps` per second
 over the whole video, spread uniformly when more than `data.max_frames`, labelled `Frame k at t s:`,
 boxes on the model's grid), followed by its options and `mcq.instruction`: think inside `<think>`
 citing evidence as `<obj>…</obj><box>…</box>at<t>…</t>s`, then only the option letter inside
@@ -22,16 +22,17 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.errors import ConfigError, InputError
 from stages.lib import evidence, geometry
-from stages.backends import ChatRequest, LabelledImage
 from stages.lib.answers import option_letter
-from train.data import FramePolicy, frame_from_dict, frame_to_dict, render_example
+from stages.lib.chat import ChatRequest, LabelledImage
+from stages.lib.media import jpeg_bytes, open_video, video_jpegs
+from stages.lib.render import FramePolicy, render_example, request_from_messages
+from stages.lib.targets import frame_from_dict, frame_to_dict
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import JudgeCalls
 from train.eval.mcq_data import TITLES, McqItem, McqSet, load_mcq, ordered_values
 from train.eval.report import _mean, _pct, _problems, _tts_lines, _tts_summary
-from train.eval.runner import Call, Runner, jpeg_bytes, request_from_messages
+from train.eval.runner import Call, Runner
 from train.eval.scaling import tts_outcome
-from train.eval.vstar import decode_frames
 
 VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv", ".webm", ".avi", ".mov")
 #: How a greedy answer was read: an option letter, no letter, a letter past the last option, no answer.
@@ -285,17 +286,15 @@ class _Inputs:
     """One question's frames (decoded once) and the requests rendered from them."""
 
     def __init__(self, item: McqItem, video: Path, cfg: Mapping[str, Any], policy: FramePolicy) -> None:
-        import decord
-
         self.item, self.video, self.cfg, self.policy = item, video, cfg, policy
         try:
-            reader = decord.VideoReader(str(video), num_threads=1)
+            reader = open_video(str(video))
             self.fps, count = float(reader.get_avg_fps()), len(reader)
         except Exception as exc:  # decord raises its own DECORDError and RuntimeError types
             raise InputError(f"{video}: cannot decode the video of question {item.qid!r}: {exc}") from exc
         data = cfg["data"]
         indices = frame_indices(count, self.fps, float(data["fps"]), int(data["max_frames"]))
-        jpegs = decode_frames(video, indices)
+        jpegs = video_jpegs(video, indices)
         self.duration_s = round(count / self.fps, 2)
         self.frames = [{"t_s": round(i / self.fps, 6), "index": i, "jpeg": j} for i, j in zip(indices, jpegs)]
         from PIL import Image
@@ -331,4 +330,4 @@ class _Inputs:
     def image_at(self, t: float) -> Any:
         from PIL import Image
 
-        return Image.open(io.BytesIO(decode_frames(self.video, [int(round(t * self.fps))])[0]))
+        return Image.open(io.BytesIO(video_jpegs(self.video, [int(round(t * self.fps))])[0]))

@@ -1,4 +1,4 @@
-"""Batched, resumable model calls for evaluation, and the bridge from a rendered chat to a request.
+"""Batched, resumable model calls for evaluation.
 
 An evaluation is a few thousand independent calls (answers, crop checks, judge scores). Each is a
 `Call`: where its completion is stored (sample key, call kind) and how to build its request. The
@@ -7,12 +7,12 @@ frames of the samples already done; completions are stored after every backend b
 """
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from stages.backends import Backend, ChatRequest, LabelledImage, RequestFailed
+from stages.backends import Backend, RequestFailed
+from stages.lib.chat import ChatRequest
 from train.eval.store import CompletionStore
 
 log = logging.getLogger("stgr.eval")
@@ -71,37 +71,3 @@ class Runner:
         return self.store.get(key, kind)
 
 
-def jpeg_bytes(image: Any, quality: int = 95) -> bytes:
-    """A PIL image as JPEG bytes (what `LabelledImage` carries)."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def request_from_messages(messages: list[dict[str, Any]], images: list[Any], *, max_new_tokens: int,
-                          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                          context: Mapping[str, Any] | None = None) -> ChatRequest:
-    """A chat rendered by `train.data.render_example` (prompt part) as a `ChatRequest`: the text
-    before each image becomes that image's label, the text after the last image the prompt."""
-    system = None
-    labelled: list[LabelledImage] = []
-    texts: list[str] = []
-    remaining = iter(images)
-    for message in messages:
-        parts = message["content"]
-        if isinstance(parts, str):
-            parts = [{"type": "text", "text": parts}]
-        if message["role"] == "system":
-            system = "".join(p.get("text", "") for p in parts)
-            continue
-        if message["role"] != "user":
-            continue
-        for part in parts:
-            if part.get("type") == "image":
-                labelled.append(LabelledImage(jpeg=jpeg_bytes(next(remaining)), label="".join(texts).strip()))
-                texts = []
-            else:
-                texts.append(part.get("text", ""))
-    return ChatRequest(prompt="".join(texts).strip(), images=tuple(labelled), system=system,
-                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       context=dict(context or {}))

@@ -1,6 +1,6 @@
 """STGR splits: answers and evidence of a model on records built by `stgr build`.
 
-Each record is rendered exactly as for training (`train.data.render_example`: frames labelled
+Each record is rendered exactly as for training (`stages.lib.render.render_example`: frames labelled
 `Frame k at t s:`, boxes on the model's grid, the same instruction), answered once greedily (and N
 times for test-time scaling), and scored with the training rewards' definitions (`train.rewards`),
 so evaluation and RL agree on what "right" means:
@@ -22,12 +22,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from pipeline.errors import InputError
 from stages.lib import answers, evidence, metrics
+from stages.lib.media import video_jpegs
+from stages.lib.render import render_example, request_from_messages
 from train import rewards
-from train.data import load_records, render_example
+from train.data import load_records
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import CORRECT_FROM, INVALID, JudgeCalls
 from train.eval.report import TIOU_THRESHOLDS, _mean, _pct, _problems, _tts_lines, _tts_summary
-from train.eval.runner import Call, Runner, request_from_messages
+from train.eval.runner import Call, Runner
 from train.eval.scaling import tts_candidates, tts_outcome
 
 #: Answers below these scores are not "correct" (spans and boxes are scored continuously).
@@ -123,15 +125,13 @@ class StgrEval:
         """The frame at `t`: decoded from the video when it is readable, else the nearest embedded frame."""
         from PIL import Image
 
-        from train.eval.vstar import decode_frames
-
         media = record.get("media") or {}
         uri = str(media.get("uri") or "").removeprefix("file://")
         path = Path(uri)
         if uri and not path.is_absolute() and record.get("_file"):
             path = Path(record["_file"]).parent / path
         if uri and path.is_file() and media.get("fps"):
-            return Image.open(io.BytesIO(decode_frames(path, [int(round(t * float(media["fps"])))])[0]))
+            return Image.open(io.BytesIO(video_jpegs(path, [int(round(t * float(media["fps"])))])[0]))
         frames = [f for f in record["frames"] if f.get("jpeg")]
         if not frames:
             raise InputError(f"{record.get('_file')}: record {record['id']!r}: cannot crop at {t} s: "

@@ -9,7 +9,7 @@ of Open-o3 Video's evaluation):
 - chain 2 (what -> where -> when): `spatial_2` (where, told how many boxes to give) and `temporal_2`
   (when, given the *ground-truth* boxes).
 
-The frames are those of `train/data.py` (`render_example`): labelled `Frame k at t s:`, boxes on the
+The frames are those of training (`stages.lib.render.render_example`): labelled `Frame k at t s:`, boxes on the
 model's own grid, so a model is tested on the layout it was trained on. Boxes the model writes are
 read in its frame and compared in the canonical normalised frame with the ground truth (V-STaR's
 code compares the model's raw numbers with source pixels; see docs/evaluation.md).
@@ -27,10 +27,12 @@ import numpy as np
 
 from stages.lib import evidence, geometry, metrics
 from stages.lib.evidence import parse_boxes_by_time
-from train.data import frame_from_dict, frame_to_dict
+from stages.lib.media import video_jpegs
+from stages.lib.render import request_from_messages
+from stages.lib.targets import frame_from_dict, frame_to_dict
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import CORRECT_FROM, INVALID, JudgeCalls
-from train.eval.runner import Call, Runner, request_from_messages
+from train.eval.runner import Call, Runner
 from train.eval.scaling import tts_candidates, tts_outcome
 from train.eval.vstar_data import VStarItem
 
@@ -51,22 +53,6 @@ def frame_times(item: VStarItem, fps: float, max_frames: int) -> list[tuple[floa
     if len(indices) > max_frames:
         indices = [int(i) for i in np.linspace(0, count - 1, max_frames).round()]
     return [(round(i / item.fps, 6), i) for i in indices]
-
-
-def decode_frames(video: Path, indices: Sequence[int], quality: int = 95) -> list[bytes]:
-    """JPEG bytes of the given frame indices (clamped to the file's real length) with decord."""
-    import decord
-    from PIL import Image
-
-    reader = decord.VideoReader(str(video), num_threads=1)
-    last = len(reader) - 1
-    batch = reader.get_batch([min(int(i), last) for i in indices]).asnumpy()
-    out = []
-    for array in batch:
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-        out.append(buf.getvalue())
-    return out
 
 
 def whole_seconds(item: VStarItem) -> list[int]:
@@ -323,7 +309,7 @@ class _ItemInputs:
         self.item, self.video, self.cfg, self.policy = item, video, cfg, policy
         data = cfg["data"]
         times = frame_times(item, float(data["fps"]), int(data["max_frames"]))
-        jpegs = decode_frames(video, [i for _, i in times])
+        jpegs = video_jpegs(video, [i for _, i in times])
         self.frames = [{"t_s": t, "index": i, "jpeg": j} for (t, i), j in zip(times, jpegs)]
         from PIL import Image
 
@@ -333,7 +319,7 @@ class _ItemInputs:
 
     def request(self, kind: str, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                 seed: int = 0, context: Mapping[str, Any]) -> Any:
-        from train.data import FramePolicy, render_example
+        from stages.lib.render import FramePolicy, render_example
 
         prompt = render_prompt(self.cfg["vstar"]["prompts"][kind], prompt_variables(self.item, self.frame))
         record = {"id": self.item.key, "task": "general_free", "frames": self.frames, "question": prompt,
@@ -349,5 +335,5 @@ class _ItemInputs:
     def image_at(self, t: float) -> Any:
         from PIL import Image
 
-        jpeg = decode_frames(self.video, [int(round(t * self.item.fps))])[0]
+        jpeg = video_jpegs(self.video, [int(round(t * self.item.fps))])[0]
         return Image.open(io.BytesIO(jpeg))
