@@ -19,7 +19,10 @@ from pipeline.rundir import RunDir, Unit, read_commit
 log = logging.getLogger("stgr")
 
 
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "STGR_FIXTURES", "HF_HOME")
+#: The driver's variables every Ray worker gets, build stages and `stgr train` workers alike: offline
+#: hub flags and cache, Ray's auth mode, the fixtures root, tokenizer threading.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "STGR_FIXTURES", "HF_HOME",
+                 "TOKENIZERS_PARALLELISM")
 
 
 def forwarded_env_names(plan: BuildPlan | None) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -221,13 +220,6 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """DIR/log.jsonl as a list of dicts (what tests and users plot)."""
     path = Path(run_dir) / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def worker_env() -> dict[str, str]:
-    """Environment a remote worker needs to behave like this process (offline hub, no token files)."""
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM",
-            "PYTHONPATH", "STGR_FIXTURES")
-    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 def train_and_finish(trainer: Any, processor: Any, run: Path, cfg: Any) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 `trainer.num_workers == 1` runs the TRL trainer here. `> 1` starts a Ray Train `TorchTrainer` with
 that many workers (one per GPU with `use_gpu`, gloo on CPUs otherwise) on the cluster the build
-used: `cluster.address` or RAY_ADDRESS, else an embedded local Ray. Each worker builds the same TRL
-trainer; Ray sets up torch.distributed, Accelerate shards the batches, rank 0 writes checkpoints
+used, joined as the build joins it (`pipeline.build.connect`: `cluster.address` or RAY_ADDRESS, else
+an embedded local Ray; the workers get the build's worker environment). Each worker builds the same
+TRL trainer; Ray sets up torch.distributed, Accelerate shards the batches, rank 0 writes checkpoints
 into the run directory (which must therefore be on storage every node sees, as for builds), and
 resuming works exactly as in a single process. `RayTrainReportCallback` hands each saved
 checkpoint and its metrics to Ray as well.
@@ -11,13 +12,10 @@ checkpoint and its metrics to Ray as well.
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-from train.common import worker_env
 
 #: Training entry points by kind, as "module:function" so heavy modules load only when used.
 RUNNERS = {"sft": "train.sft:run_sft", "rl": "train.rl:run_rl"}
@@ -48,20 +46,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     train_and_finish(prepare_trainer(trainer), processor, run, cfg)
 
 
-def _init_ray(cluster: dict[str, Any]) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=cluster.get("num_cpus"), _temp_dir=cluster.get("temp_dir"), runtime_env=runtime_env,
-                 include_dashboard=False)
-
-
 def _cluster_gpu(trainer: dict[str, Any]) -> bool:
     """`use_gpu: auto` on a cluster means "the cluster has GPUs" (the driver itself may have none)."""
     import ray
@@ -74,11 +58,12 @@ def run_distributed(kind: str, cfg: DictConfig, run: Path) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.build import connect
     from train.common import read_log
 
     c = OmegaConf.to_container(cfg, resolve=True)
     trainer_cfg = c["trainer"]
-    _init_ray(c.get("cluster") or {})
+    connect(c.get("cluster") or {})  # the build's cluster and worker environment (pipeline.build)
     gpu = _cluster_gpu(trainer_cfg)
     trainer_cfg["use_gpu"] = gpu  # the workers must agree with the placement, whatever the driver has
     trainer = TorchTrainer(
