@@ -173,6 +173,12 @@ class Stage(ABC):
         self.config = dict(config)
 
     @classmethod
+    def excluded_keys(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
+        """The keys of `config` left out of the fingerprint: `fingerprint_exclude`, and what a stage
+        learns from the config itself (a model stage: the how-to-run keys of the backend it names)."""
+        return cls.fingerprint_exclude
+
+    @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
         """Return problems as `key: message` strings; an empty list means valid."""
         problems = []

@@ -178,7 +178,10 @@ def record_context(record: Mapping[str, Any], max_evidence: int = 8) -> dict[str
         "question": record.get("question"),
         "options": list(record.get("options") or []),
         "answer": record.get("answer"),
-        "answer_span": _target_span(record, spans, objects) if kind in ("span", "option_span") else None,
+        # the seed's span is ground truth whatever the answer kind (a temporal MCQ keeps it); a span
+        # answer without one takes it from the ground truth
+        "answer_span": (_target_span(record, spans, objects)
+                        if kind in ("span", "option_span") or record.get("answer_span") is not None else None),
         "objects": objects,
         "spans": spans,
         "evidence": evidence,

@@ -125,7 +125,7 @@ def _same_claim(a: evidence.Claim, b: evidence.Claim, frame: geometry.BoxFrame) 
     """Equal up to what writing in `frame` may round away."""
     if a.name != b.name or len(a.boxes) != len(b.boxes) or (a.t is None) != (b.t is None):
         return False
-    if a.t is not None and abs(a.t - b.t) > 0.5 * 10.0 ** -frame.time_decimals + 1e-9:
+    if a.t is not None and abs(a.t - b.t) > frame.time_tolerance() + 1e-9:
         return False
     return not a.boxes or bool(np.allclose(a.boxes, b.boxes, atol=frame.tolerance() + 1e-9, rtol=0))
 

@@ -115,7 +115,8 @@ class VidSTGAdapter(Adapter):
                 source="vidstg", source_id=f"{e.vid}#{position}", task="spatio_temporal", variant=f"{kind}{index}",
                 media=declared, clip=clip, question=question, answer=answer, answer_span=span, key_frames=key_frames,
                 gt={"objects": [{"name": name, "track": track}] if track else [],
-                    "spans": [{"label": label_text or sentence.description, "start_s": span[0], "end_s": span[1]}]},
+                    "spans": [{"label": _span_label(kind, sentence.description, describe.get(sentence.target_id), label_text),
+                               "start_s": span[0], "end_s": span[1]}]},
                 meta=meta_dump({"vid": e.vid, "entry": position, "sentence_type": kind, "sentence": sentence.description,
                                 "target_id": sentence.target_id, "target_category": name,
                                 "temporal_gt_fid": [e.temporal_gt.begin_fid, e.temporal_gt.end_fid],
@@ -160,3 +161,11 @@ def _question(kind: str, sentence: str, caption: str | None, has_boxes: bool) ->
     if has_boxes and caption:
         return sentence, caption
     return f"{sentence} When does this happen in the video?", None
+
+
+def _span_label(kind: str, sentence: str, caption: str | None, relation: str) -> str:
+    """What happens in the span, as traces restate it: the declarative sentence itself, or for a
+    question the caption of its target; the relation's lemmas ("adult use camera") only as a last resort."""
+    if kind == "declarative":
+        return sentence.rstrip(". ")
+    return (caption or "").rstrip(". ") or relation or sentence
