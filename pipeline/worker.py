@@ -1,22 +1,23 @@
 """What runs on a Ray worker: read one unit's input from the run directory, process, commit.
 
 Inputs travel through the run directory, not the object store: a committed unit is then the only
-truth a resumed build needs, and a unit can run on any node that sees the run directory.
+truth a resumed build needs, and a unit can run on any node that sees the run directory. Each input
+is checked against the sha256 in its commit record as it is read; a damaged one (a bit flip, a
+truncation, a lost file) is invalidated, so the build's next pass recomputes it, and this unit fails
+with a message naming the file.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.registry import STAGES, load_plugins
-from pipeline.rundir import RunDir, Unit, commit, is_committed
+from pipeline.rundir import CorruptUnit, RunDir, Unit, commit, invalidate, is_committed, read_verified_table
 from pipeline.stage import Stage, UnitContext
 
 
@@ -60,10 +61,9 @@ def _read_inputs(run: RunDir, inputs: tuple[Unit, ...]) -> tuple[pa.Table | None
         return None, []
     tables, digests = [], []
     for unit in inputs:
-        with run.fs.open_input_stream(run.join(unit.data)) as f:
-            data = f.read()
-        digests.append(hashlib.sha256(data).hexdigest())
-        tables.append(pq.read_table(pa.BufferReader(data)))
+        table, digest = read_verified_table(run, unit)
+        tables.append(table)
+        digests.append(digest)
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
     return table, digests
 
@@ -83,6 +83,13 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
         stage = _stage_for(task, ctx)
         table, digests = _read_inputs(run, task.inputs)
         result = stage.process(table, ctx)
+    except CorruptUnit as exc:
+        # a damaged input (or a ledger a stage reads): withdraw it, so the next pass recomputes it
+        try:
+            invalidate(run, exc.unit, str(exc))
+        except OSError as fault:
+            raise UnitFailed(f"CorruptUnit: {exc}; cannot invalidate {exc.unit.key()}: {fault}") from None
+        raise UnitFailed(f"CorruptUnit: {exc}; {exc.unit.key()} is invalidated and will be recomputed") from None
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which counts attempts
         raise UnitFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}") from None
     seconds = time.perf_counter() - started
@@ -96,7 +103,10 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
     }
     if result.report is not None:
         record["report"] = dataclasses.asdict(result.report)
-    committed = commit(run, task.unit, result.table, ledger_rows, record)
+    try:
+        committed = commit(run, task.unit, result.table, ledger_rows, record)
+    except OSError as exc:  # the run directory is full, read-only or unreachable: the unit's attempt fails
+        raise UnitFailed(f"{type(exc).__name__}: {exc} (committing {task.unit.key()} to {run.uri})") from None
     return {**record, "skipped": not committed}
 
 
