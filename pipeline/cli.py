@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 from typing import Sequence
 
@@ -110,11 +109,6 @@ def build_args(args: argparse.Namespace) -> list[str]:
     if args.config_name != "build":
         extra += ["--config-name", args.config_name]
     return [*extra, *args.overrides]
-
-
-def command_line(run: str, arguments: Sequence[str]) -> str:
-    """The `stgr build` command a Ray Job runs for `--submit`."""
-    return shlex.join(["stgr", "build", "--run", run, *arguments])
 
 
 if __name__ == "__main__":

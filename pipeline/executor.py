@@ -36,7 +36,7 @@ def resolve_nodes(plan: BuildPlan) -> dict[str, NodeState]:
         spec = plan.nodes[name]
         cls = spec.stage_cls
         upstream = [states[u].fingerprint for u in spec.after]
-        fp = stage_fingerprint(cls.name, cls.version, spec.config, upstream, cls.fingerprint_exclude)
+        fp = stage_fingerprint(cls.name, cls.version, spec.config, upstream, cls.excluded_keys(spec.config))
         if cls.source:
             partitions = int(cls(spec.config).plan())
         elif cls.needs_all_input:

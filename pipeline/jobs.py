@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import time
 from typing import Sequence
 
@@ -25,13 +26,17 @@ def _address(address: str | None) -> str:
     return address
 
 
+def command_line(run: str, arguments: Sequence[str]) -> str:
+    """The `stgr build` command a Ray Job runs for `--submit`."""
+    return shlex.join(["stgr", "build", "--run", run, *arguments])
+
+
 def submit(run_dir: str, arguments: Sequence[str], address: str | None = None, plan: BuildPlan | None = None) -> str:
     """Submit `stgr build --run DIR ARGUMENTS` as a Ray Job; `plan` (validated here first) names the
     variables its workers need."""
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.build import worker_env
-    from pipeline.cli import command_line
 
     address = _address(address)
     run = RunDir.open(run_dir)

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from pipeline.registry import register_stage
 from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_error
-from stages.backends import Backend, RequestFailed, load_backends, make_backend
+from stages.backends import Backend, RequestFailed, load_backends, make_backend, run_keys
 from stages.lib import evidence
 from stages.lib.chat import ChatRequest
 from stages.lib.media import FrameReader
@@ -71,9 +71,13 @@ class AnnotateStage(Stage):
         "prompts": dict, "extra": dict,
     }
     # How requests are sent, not what is asked: changing these never changes a response (the cache
-    # key has the model, prompt, frames and sampling), so committed units stay valid.
-    fingerprint_exclude = Stage.fingerprint_exclude + (
-        "batch_size", "concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "api_key_env")
+    # key has the model, prompt, frames and sampling), so committed units stay valid. The backend
+    # adds its own such keys (`Backend.run_keys`).
+    fingerprint_exclude = Stage.fingerprint_exclude + ("batch_size", "api_key_env")
+
+    @classmethod
+    def excluded_keys(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
+        return super().excluded_keys(config) + run_keys(config)
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from pipeline.registry import register_stage
 from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_error
-from stages.backends import Backend, RequestFailed, make_backend
+from stages.backends import Backend, RequestFailed, make_backend, run_keys
 from stages.lib.chat import ChatRequest, LabelledImage
 from stages.lib.media import FrameReader, crop
 from stages.lib.response_cache import ResponseCache
@@ -60,7 +60,11 @@ class VerifyStage(Stage):
         "backend": str, "model": str, "prompt": str, "padding": (float, int), "min_side": int,
         "batch_size": int, "max_new_tokens": int, "gt_tolerance_s": (float, int),
     }
-    fingerprint_exclude = Stage.fingerprint_exclude + ("batch_size",)
+    fingerprint_exclude = Stage.fingerprint_exclude + ("batch_size", "api_key_env")
+
+    @classmethod
+    def excluded_keys(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
+        return super().excluded_keys(config) + run_keys(config)
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:

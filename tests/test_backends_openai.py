@@ -305,3 +305,21 @@ def test_backend_reports_unrecoverable_and_transient_failures_per_request(tiny_m
         assert isinstance(result, RequestFailed) and result.retryable
         assert "gave up after 2 attempts" in str(result) and "HTTP 429" in str(result)
         assert sum(server.calls.values()) == 2
+
+
+def test_how_requests_are_sent_stays_out_of_every_model_stage_fingerprint():
+    """The openai backend's own how-to-run keys (`run_keys`) leave annotate's and verify's fingerprints
+    alone, so moving a build to a faster endpoint reuses its committed units; what is asked does not."""
+    from pipeline.fingerprint import stage_fingerprint
+    from stages.verify import VerifyStage
+
+    def fingerprint(stage, config):
+        return stage_fingerprint(stage.name, stage.version, config, [], stage.excluded_keys(config))
+
+    for stage, config in ((AnnotateStage, openai_config("http://127.0.0.1:1/v1")),
+                          (VerifyStage, {"backend": "openai", "base_url": "http://127.0.0.1:1/v1", "model": "m",
+                                         "prompt": "Is this a {object}?"})):
+        faster = {**config, "concurrency": 64, "timeout_s": 5.0, "max_retries": 1, "backoff_s": 0.1,
+                  "max_backoff_s": 1.0, "batch_size": 32, "api_key_env": "MY_KEY"}
+        assert fingerprint(stage, faster) == fingerprint(stage, config)
+        assert fingerprint(stage, {**config, "model": "another"}) != fingerprint(stage, config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from types import SimpleNamespace
 
 import numpy as np
@@ -49,6 +50,17 @@ def test_perfect_and_empty_completion():
     assert scores["temporal"] == [1.0, 0.0]
     assert scores["spatial"][0] == pytest.approx(1.0) and scores["spatial"][1] == 0.0
     assert scores["total"][0] == pytest.approx(4.0)
+
+
+def test_reward_funcs_pickle_and_score_the_same():
+    """Ray Train pickles the trainer's reward functions to every worker: each must survive the round
+    trip with its name (TRL's log key) and its config."""
+    good = "<think>The <obj>red circle</obj><box>[0.1,0.1,0.3,0.3]</box>at<t>2.5</t>s moves.</think><answer>B</answer>"
+    for func in make_reward_funcs(RewardConfig(tau=0.6)):
+        again = pickle.loads(pickle.dumps(func))
+        assert again.__name__ == func.__name__ and again.cfg == func.cfg
+        assert again([good], [target()], progress=0.5) == func([good], [target()], progress=0.5)
+    assert [f.__name__ for f in make_reward_funcs()] == list(COMPONENTS)
 
 
 def test_format_half_credit_without_evidence():

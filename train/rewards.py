@@ -377,27 +377,32 @@ def _safe_batch(name: str, fn: Callable[[], list[float]], n: int) -> list[float]
 # --- TRL reward functions ---------------------------------------------------------------------------
 
 
-def make_reward_funcs(cfg: RewardConfig = RewardConfig()) -> list[Callable[..., list[float]]]:
-    """The four components as TRL reward functions, named so TRL logs each as rewards/<name>/mean.
+class RewardFunc:
+    """One component as a TRL reward function: `__name__` is the component, so TRL logs it as
+    rewards/<name>/mean. An instance rather than a closure so that it pickles: Ray Train ships the
+    trainer's reward functions to every worker."""
+
+    def __init__(self, name: str, cfg: RewardConfig = RewardConfig()) -> None:
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown reward {name!r}; known: {list(COMPONENTS)}")
+        self.__name__ = name
+        self.cfg = cfg
+
+    def __call__(self, completions: Sequence[Any], reward_target: Sequence[Any] = None, **kwargs: Any) -> list[float]:
+        texts, targets = _inputs(completions, reward_target)
+        if self.__name__ == "temporal":
+            progress = kwargs["progress"] if "progress" in kwargs else progress_of(kwargs.get("trainer_state"))
+            sigma = sigma_at(progress, self.cfg)
+            return _safe_batch("temporal", lambda: temporal_scores(texts, targets, sigma), len(texts))
+        if self.__name__ == "spatial":
+            return _safe_batch("spatial", lambda: spatial_scores(texts, targets, self.cfg.tau), len(texts))
+        return (accuracy_scores if self.__name__ == "accuracy" else format_scores)(texts, targets)
+
+
+def make_reward_funcs(cfg: RewardConfig = RewardConfig()) -> list[RewardFunc]:
+    """The four components as TRL reward functions, in COMPONENTS order.
     Pass `[cfg.weights[f.__name__] for f in funcs]` as GRPOConfig.reward_weights."""
-
-    def accuracy(completions: Sequence[Any], reward_target: Sequence[Any] = None, **kwargs: Any) -> list[float]:
-        return accuracy_scores(*_inputs(completions, reward_target))
-
-    def format(completions: Sequence[Any], reward_target: Sequence[Any] = None, **kwargs: Any) -> list[float]:  # noqa: A001
-        return format_scores(*_inputs(completions, reward_target))
-
-    def temporal(completions: Sequence[Any], reward_target: Sequence[Any] = None, **kwargs: Any) -> list[float]:
-        texts, targets = _inputs(completions, reward_target)
-        progress = kwargs["progress"] if "progress" in kwargs else progress_of(kwargs.get("trainer_state"))
-        sigma = sigma_at(progress, cfg)
-        return _safe_batch("temporal", lambda: temporal_scores(texts, targets, sigma), len(texts))
-
-    def spatial(completions: Sequence[Any], reward_target: Sequence[Any] = None, **kwargs: Any) -> list[float]:
-        texts, targets = _inputs(completions, reward_target)
-        return _safe_batch("spatial", lambda: spatial_scores(texts, targets, cfg.tau), len(texts))
-
-    return [accuracy, format, temporal, spatial]
+    return [RewardFunc(name, cfg) for name in COMPONENTS]
 
 
 def score_all(completions: Sequence[Any], reward_target: Sequence[Any], cfg: RewardConfig = RewardConfig(),

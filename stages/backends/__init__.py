@@ -33,6 +33,9 @@ class Backend(ABC):
     name: ClassVar[str] = ""
     #: False where a response costs nothing to recompute (the template backend): not worth a cache file.
     cacheable: ClassVar[bool] = True
+    #: Config keys that say how requests are sent, never what is asked (connections, timeouts,
+    #: retries): a stage that uses this backend leaves them out of its fingerprint.
+    run_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
@@ -95,6 +98,13 @@ def load_backends() -> dict[str, type[Backend]]:
     for info in pkgutil.iter_modules(__path__, prefix=__name__ + "."):
         importlib.import_module(info.name)
     return BACKENDS
+
+
+def run_keys(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The how-to-run keys of the backend `config['backend']` names (none for an unknown name: the
+    stage's validation reports that)."""
+    backend = load_backends().get(config.get("backend"))
+    return backend.run_keys if backend is not None else ()
 
 
 def make_backend(config: Mapping[str, Any]) -> Backend:

@@ -69,6 +69,7 @@ class OpenAIBackend(PerRequestBackend):
     concurrency, timeout_s, max_retries, backoff_s, max_backoff_s."""
 
     name = "openai"
+    run_keys = ("concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
