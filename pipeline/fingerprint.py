@@ -21,3 +21,10 @@ def stage_fingerprint(stage_name: str, version: str, config: Mapping[str, Any],
     kept = {k: v for k, v in config.items() if k not in excluded}
     payload = canonical_json({"stage": stage_name, "version": version, "config": kept, "upstream": list(upstream)})
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def plan_digest(nodes: Mapping[str, tuple[str, int]]) -> str:
+    """One digest of a whole plan (node -> (fingerprint, partitions)): two builds with the same digest
+    compute the same units into the same files, so they may share a run directory (pipeline.lease)."""
+    payload = canonical_json({node: list(value) for node, value in sorted(nodes.items())})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

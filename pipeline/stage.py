@@ -213,6 +213,18 @@ class Stage(ABC):
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         """The kept rows and the ledger rows of one partition (`table` is None for a source)."""
 
+    def published(self, ctx: UnitContext) -> bool:
+        """Whether this committed unit's product outside its own files (shard's `dataset/`) is in place.
+
+        After every build the driver asks each committed unit of a stage that overrides this, and
+        calls `publish` when the answer is no: a reused unit whose product another config replaced,
+        or that was lost, is materialised again from its committed output. Most stages have none.
+        """
+        return True
+
+    def publish(self, table: pa.Table, ctx: UnitContext) -> None:
+        """(Re)write the product from the unit's committed output `table` (read back and verified)."""
+
 
 class RecordStage(Stage):
     """A stage written one record at a time; a record that raises becomes a ledger row.

@@ -3,13 +3,15 @@
 Needs no stage code and no Ray: plan.json names each node's fingerprint and partition count, and
 the commit/error records say the rest, so it works from any machine that sees the run directory.
 A stage's report (`StageReport`, kept in the commit record) is listed too: its failure line, such as
-an empty dataset, is shown under the table.
+an empty dataset, is shown under the table; so is the build holding the run's lease, and a unit
+withdrawn because its files were damaged (its error note starts with `invalidated:`) counts as pending.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from pipeline.lease import LEASE, describe, is_stale
 from pipeline.rundir import RunDir, part_name
 
 
@@ -42,7 +44,18 @@ def run_status(run: RunDir) -> dict[str, Any]:
         row["seconds"] = round(row["seconds"], 3)
         nodes.append(row)
     complete = all(n["done"] == n["partitions"] for n in nodes)
-    return {"run": run.uri, "build_id": plan.get("build_id"), "complete": complete, "stages": nodes}
+    return {"run": run.uri, "build_id": plan.get("build_id"), "complete": complete, "stages": nodes,
+            "lease": _lease(run)}
+
+
+def _lease(run: RunDir) -> dict[str, Any] | None:
+    """The lease record, with whether it is stale and a line saying who holds it; None when free."""
+    try:
+        record = json.loads(run.read_text(LEASE))
+    except (FileNotFoundError, ValueError):
+        return None
+    stale = is_stale(record)
+    return {**record, "stale": stale, "holder": describe(record) + (" (stale)" if stale else "")}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -54,11 +67,16 @@ def format_status(status: dict[str, Any]) -> str:
                      str(n["rows_out"]), str(n["rows_rejected"]), f"{n['seconds']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"run {status['run']} ({'complete' if status['complete'] else 'incomplete'})"]
+    if status.get("lease"):
+        lines.append(f"held by {status['lease']['holder']}")
     for r in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     for n in status["stages"]:
         for e in n["errors"]:
             first = e["error"].strip().splitlines()[0] if e["error"].strip() else ""
-            lines.append(f"FAILED {e['unit']} (attempt {e['attempt']}): {first}")
+            if first.startswith("invalidated: "):
+                lines.append(f"INVALIDATED {e['unit']} (recomputed by the next build or resume): {first[13:]}")
+            else:
+                lines.append(f"FAILED {e['unit']} (attempt {e['attempt']}): {first}")
         lines.extend(r["failure"] for r in n["reports"] if r.get("failure"))
     return "\n".join(lines)

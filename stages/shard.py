@@ -4,9 +4,12 @@ write Parquet shards, a `manifest.json` and a dataset card under `<run>/dataset/
 Why a barrier: shard sizes, shard counts (`-of-000NN`) and the manifest's totals need every record,
 so this stage runs once on all upstream partitions. Why a stable hash of the id for the split: the
 same record lands in the same split on every rebuild and every machine, so an RL set never leaks into
-the SFT set when a build is extended. The dataset directory is written under a temporary name and
-renamed into place, so a killed build leaves either the previous dataset or the new one, never half.
-Why a report: an empty dataset is a failed build (exit 3) unless `allow_empty`, and every build ends
+the SFT set when a build is extended. Why no folder rename: an object store has none, so shards are
+written under final names ending in a digest of their bytes and `manifest.json`, written last, is the
+commit point (see `ShardStage.write_dataset`); a killed build leaves the previous dataset or the new one.
+Why `publish`: when the unit is reused but the dataset folder holds another config's dataset (the run
+was built with another config in between) or lost files, the driver writes it again from the unit's
+committed output, so the dataset always belongs to the run's plan. Why a report: an empty dataset is a failed build (exit 3) unless `allow_empty`, and every build ends
 with the dataset's path, rows per split and task and the ledger's top rules, taken from the manifest.
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.registry import register_stage
-from pipeline.stage import LEDGER_SCHEMA, Stage, StageReport, StageResult, UnitContext
+from pipeline.rundir import RunDir, Unit, is_committed, read_verified_table
+from pipeline.stage import LEDGER_SCHEMA, Rejection, Stage, StageReport, StageResult, UnitContext
 from stages.lib.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, conform
 
 #: Split value in the `split` column -> dataset sub-directory (the names of the released STGR sets).
@@ -80,11 +84,14 @@ def count_rows(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: tuple("" if r[k] is None else str(r[k]) for k in keys))
 
 
-def read_ledger(fs: pafs.FileSystem, run_path: str, fingerprints: Mapping[str, str]) -> pa.Table:
+def read_ledger(fs: pafs.FileSystem, run_path: str, fingerprints: Mapping[str, str],
+                verify_in: RunDir | None = None) -> pa.Table:
     """Every ledger row the given (stage, fingerprint) units committed, as one table.
 
     Only the fingerprints of this build count: a run directory keeps the ledgers of older configs
     too (they are reused when the config goes back), and counting them would double the rejections.
+    With `verify_in` (the run directory, for the dataset's counts) a ledger whose unit is committed is
+    checked against the sha256 in its commit record (CorruptUnit when it is damaged).
     """
     tables = []
     for stage, fingerprint in sorted(fingerprints.items()):
@@ -93,8 +100,15 @@ def read_ledger(fs: pafs.FileSystem, run_path: str, fingerprints: Mapping[str, s
             continue
         files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(directory))
                        if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
-        if files:
-            tables.append(pads.dataset(files, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA).to_table())
+        plain = []
+        for path in files:
+            unit = Unit(stage, fingerprint, int(posixpath.basename(path)[len("part-"):-len(".parquet")]))
+            if verify_in is not None and is_committed(verify_in, unit):
+                tables.append(read_verified_table(verify_in, unit, ledger=True)[0].cast(LEDGER_SCHEMA))
+            else:
+                plain.append(path)
+        if plain:
+            tables.append(pads.dataset(plain, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA).to_table())
     return pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
 
 
@@ -221,11 +235,6 @@ def _existing_manifest(fs: pafs.FileSystem, directory: str) -> dict[str, Any] | 
             return None
 
 
-def _remove(fs: pafs.FileSystem, path: str) -> None:
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-
-
 @register_stage
 class ShardStage(Stage):
     """Split by a stable hash, write Parquet shards + manifest + card; output: the records with `split`."""
@@ -252,70 +261,170 @@ class ShardStage(Stage):
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         table = conform(table if table is not None else RECORD_SCHEMA.empty_table())
+        table, rejections = drop_duplicate_ids(table)
         table = table.sort_by("id")
         ids = table.column("id")
-        if pc.count_distinct(ids).as_py() != table.num_rows:
-            counts = pc.value_counts(ids).to_pylist()
-            dupes = sorted(c["values"] for c in counts if c["counts"] > 1)
-            raise ValueError(f"shard: {len(dupes)} record ids occur more than once upstream, e.g. {dupes[:5]}")
         splits = split_of(ids.combine_chunks(), float(self.config.get("rl_fraction", 0.5)),
                           str(self.config.get("salt", "") or ""))
         table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
         table = _with_provenance(table, ctx)
-        manifest = self.write_dataset(table, ctx)
+        own = pa.Table.from_pylist([r.as_row(ctx.stage, ctx.attempt) for r in rejections], schema=LEDGER_SCHEMA)
+        manifest = self.write_dataset(table, ctx, own)
         output = str(self.config.get("output", "dataset"))
         report = build_report(manifest, posixpath.join(ctx.run_uri, output), bool(self.config.get("allow_empty", False)),
                               ctx.stage)
-        return StageResult(table, report=report)
+        return StageResult(table, rejections, report=report)
 
-    def write_dataset(self, table: pa.Table, ctx: UnitContext) -> dict[str, Any]:
-        """Write shards, manifest and card to a temporary folder, then swap it into place; the manifest."""
-        fs = ctx.filesystem
+    def published(self, ctx: UnitContext) -> bool:
+        """The dataset folder holds this unit's dataset, complete (see `dataset_problems`)."""
+        final = posixpath.join(ctx.run_path, str(self.config.get("output", "dataset")))
+        manifest = _existing_manifest(ctx.filesystem, final)
+        return manifest is not None and not dataset_problems(ctx.filesystem, final, manifest, ctx.fingerprint)
+
+    def publish(self, table: pa.Table, ctx: UnitContext) -> None:
+        """Write the dataset again from this unit's committed output (the records with their split)."""
+        run = RunDir(ctx.run_uri, ctx.filesystem, ctx.run_path)
+        own = read_ledger(ctx.filesystem, ctx.run_path, {ctx.stage: ctx.fingerprint}, verify_in=run)
+        self.write_dataset(table, ctx, own)
+
+    def write_dataset(self, table: pa.Table, ctx: UnitContext, own_ledger: pa.Table) -> dict[str, Any]:
+        """Publish `table` (records with `split`) as the dataset; returns its manifest.
+
+        No folder is renamed (an object store cannot): each shard is written under its final name,
+        which ends in a digest of its bytes, so an attempt never overwrites a file the current
+        manifest lists with other bytes, and two attempts of one unit write the same bytes to the same
+        names. Then the card, then `manifest.json`, the commit point (readers follow it), then the
+        files no longer listed are deleted. A kill at any instant leaves the previous dataset or this
+        one, listed whole by the manifest in place; the debris is deleted by the next publication.
+        """
+        run = RunDir(ctx.run_uri, ctx.filesystem, ctx.run_path)
         output = str(self.config.get("output", "dataset"))
-        final = posixpath.join(ctx.run_path, output)
-        existing = _existing_manifest(fs, final)
-        if existing is not None and existing.get("fingerprint") == ctx.fingerprint:
-            return existing  # the same unit already committed this dataset: renaming again would change nothing
-        tmp = posixpath.join(ctx.run_path, f".{output}.tmp-{ctx.fingerprint}-{ctx.attempt}")
-        _remove(fs, tmp)
+        existing = _existing_manifest(run.fs, run.join(output))
+        if existing is not None and not dataset_problems(run.fs, run.join(output), existing, ctx.fingerprint):
+            return existing  # this unit's dataset is already in place: writing again would change nothing
         compression = str(self.config.get("compression", "zstd"))
         target = float(self.config.get("target_shard_mb", 256)) * 2**20
+        present = listing(run.fs, run.join(output))
         splits_info: dict[str, Any] = {}
         for split, dirname in SPLIT_DIRS.items():
             part = table.filter(pc.equal(table.column("split"), split))
             n_shards = max(1, math.ceil(part.nbytes / target))
             bounds = np.linspace(0, part.num_rows, n_shards + 1).round().astype(int)
-            fs.create_dir(posixpath.join(tmp, dirname), recursive=True)
             shards = []
             for k in range(n_shards):
-                rel = f"{dirname}/train-{k:05d}-of-{n_shards:05d}.parquet"
                 data = _encode_parquet(part.slice(bounds[k], bounds[k + 1] - bounds[k]), compression)
-                with fs.open_output_stream(posixpath.join(tmp, rel)) as out:
-                    out.write(data)
-                shards.append({"path": rel, "rows": int(bounds[k + 1] - bounds[k]), "bytes": len(data),
-                               "sha256": hashlib.sha256(data).hexdigest()})
+                digest = hashlib.sha256(data).hexdigest()
+                rel = f"{dirname}/train-{k:05d}-of-{n_shards:05d}-{digest[:12]}.parquet"
+                if present.get(rel) != len(data):  # the same name holds the same bytes: nothing to write
+                    run.write_atomic(f"{output}/{rel}", data)
+                shards.append({"path": rel, "rows": int(bounds[k + 1] - bounds[k]), "bytes": len(data), "sha256": digest})
             splits_info[dirname] = {"split": split, "rows": part.num_rows, "shards": shards}
         fingerprints = dict(getattr(ctx, "fingerprints", {}) or {})
-        ledger = read_ledger(fs, ctx.run_path, {s: f for s, f in fingerprints.items() if s != ctx.stage})
+        upstream = {s: f for s, f in fingerprints.items() if s != ctx.stage}
+        ledger = pa.concat_tables([read_ledger(run.fs, run.path, upstream, verify_in=run), own_ledger])
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "build_id": ctx.build_id,
+            "node": ctx.stage,
             "fingerprint": ctx.fingerprint,
             "stage_fingerprints": fingerprints,
             "rows": table.num_rows,
             "splits": splits_info,
             "counts": {"task": count_rows(table, ["split", "task"]), "source": count_rows(table, ["split", "source"])},
             "ledger": ledger_counts(ledger),
-            "config": _read_run_config(fs, ctx.run_path) or {ctx.stage: self.config},
+            "config": _read_run_config(run.fs, run.path) or {ctx.stage: self.config},
         }
-        with fs.open_output_stream(posixpath.join(tmp, "manifest.json")) as out:
-            out.write(json.dumps(manifest, indent=2, sort_keys=False, default=str).encode())
-        with fs.open_output_stream(posixpath.join(tmp, "README.md")) as out:
-            out.write(dataset_card(manifest).encode())
-        old = posixpath.join(ctx.run_path, f".{output}.old-{ctx.fingerprint}-{ctx.attempt}")
-        _remove(fs, old)
-        if fs.get_file_info(final).type == pafs.FileType.Directory:
-            fs.move(final, old)
-        fs.move(tmp, final)
-        _remove(fs, old)
+        if not _in_plan(run, ctx):
+            # a straggler of a build whose config has since changed: its unit may commit, but the
+            # dataset is the run's current plan's, so its shards are withdrawn and nothing is listed
+            _remove_unlisted(run, output, _existing_manifest(run.fs, run.join(output)))
+            return manifest
+        run.write_atomic(f"{output}/README.md", dataset_card(manifest).encode())
+        run.write_atomic(f"{output}/manifest.json", json.dumps(manifest, indent=2, sort_keys=False, default=str).encode())
+        _remove_unlisted(run, output, manifest)
         return manifest
+
+
+def drop_duplicate_ids(table: pa.Table) -> tuple[pa.Table, list[Rejection]]:
+    """Keep the first record of each id (in upstream partition order); a ledger row for each other.
+
+    Two records with one id would be one example twice, and could land in both splits' counts; one
+    bad input line must not cost the dataset, so the repeat is ledgered, never raised.
+    """
+    ids = table.column("id").to_pylist()
+    if len(set(ids)) == len(ids):
+        return table, []
+    counts: dict[str, int] = {}
+    for record_id in ids:
+        counts[record_id] = counts.get(record_id, 0) + 1
+    seen: set[str] = set()
+    keep, rejections = [], []
+    sources = table.column("source_id").to_pylist()
+    for i, record_id in enumerate(ids):
+        if record_id not in seen:
+            seen.add(record_id)
+            keep.append(i)
+            continue
+        rejections.append(Rejection(id=record_id, rule="duplicate_id", record=sources[i] or record_id,
+                                    reason=f"id occurs {counts[record_id]} times upstream; the first is kept"))
+    return table.take(pa.array(keep, pa.int64())), rejections
+
+
+def listing(fs: pafs.FileSystem, directory: str) -> dict[str, int]:
+    """Relative path -> size of every file under `directory` (none if it does not exist)."""
+    selector = pafs.FileSelector(directory, recursive=True, allow_not_found=True)
+    return {info.path[len(directory) + 1:]: info.size for info in fs.get_file_info(selector)
+            if info.type == pafs.FileType.File}
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def dataset_problems(fs: pafs.FileSystem, directory: str, manifest: Mapping[str, Any],
+                     fingerprint: str | None = None) -> list[str]:
+    """Why the dataset folder is not exactly the one `manifest` describes (empty: it is): another
+    fingerprint than `fingerprint` wrote it, a listed shard is missing or has another size, or a
+    split folder holds a file the manifest does not list (a reader of the folder would read it too).
+    Sizes only: `stgr inspect --verify` re-hashes the bytes."""
+    problems = []
+    if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+        problems.append(f"manifest.json: written by {manifest.get('node', 'shard')} fingerprint "
+                        f"{manifest.get('fingerprint')}, but the run's plan has {fingerprint}")
+    files = listing(fs, directory)
+    for info in manifest.get("splits", {}).values():
+        for shard in info.get("shards", []):
+            size = files.get(shard["path"])
+            if size is None:
+                problems.append(f"{shard['path']}: listed in manifest.json but missing")
+            elif size != shard["bytes"]:
+                problems.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
+    problems += [f"{rel}: not listed in manifest.json" for rel in unlisted_files(files, manifest)]
+    return problems
+
+
+def unlisted_files(files: Mapping[str, int], manifest: Mapping[str, Any] | None) -> list[str]:
+    """The `files` of a dataset folder (see `listing`) inside its split folders that `manifest` does
+    not list; hidden names (temporary files) are not a reader's concern."""
+    listed = {s["path"] for info in (manifest or {}).get("splits", {}).values() for s in info.get("shards", [])}
+    return sorted(rel for rel in files if "/" in rel and not _hidden(rel) and rel not in listed)
+
+
+def _in_plan(run: RunDir, ctx: UnitContext) -> bool:
+    """Whether the run's plan.json names this unit's fingerprint for its node (true without a plan:
+    a stage run on its own, as in tests)."""
+    try:
+        plan = json.loads(run.read_text("plan.json"))
+    except (FileNotFoundError, ValueError):
+        return True
+    return (plan.get("nodes", {}).get(ctx.stage) or {}).get("fingerprint", ctx.fingerprint) == ctx.fingerprint
+
+
+def _remove_unlisted(run: RunDir, output: str, manifest: Mapping[str, Any] | None) -> None:
+    """Delete the split folders' files that `manifest` does not list, and the temporary folders that
+    earlier versions of this stage published through (`.<output>.tmp-*`, `.<output>.old-*`)."""
+    for rel in unlisted_files(listing(run.fs, run.join(output)), manifest):
+        run.delete(f"{output}/{rel}")
+    for info in run.fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith((f".{output}.tmp-", f".{output}.old-")):
+            run.fs.delete_dir(info.path)

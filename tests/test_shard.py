@@ -82,7 +82,8 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
         files = sorted(p.name for p in (dataset / name).iterdir())
         n = len(info["shards"])
         assert n > 1, "a 50 kB target must give several shards"
-        assert files == [f"train-{k:05d}-of-{n:05d}.parquet" for k in range(n)]
+        assert files == [f"train-{k:05d}-of-{n:05d}-{shard['sha256'][:12]}.parquet"
+                         for k, shard in enumerate(info["shards"])]
         for shard in info["shards"]:
             data = (dataset / shard["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
@@ -140,10 +141,17 @@ def test_empty_input_gives_an_empty_but_loadable_dataset(tmp_path):
     assert json.loads((run / "dataset" / "manifest.json").read_text())["rows"] == 0
 
 
-def test_duplicate_ids_are_an_error(tmp_path):
-    rec = make_record(0)
-    with pytest.raises(ValueError, match="occur more than once"):
-        ShardStage({}).process(to_table([rec, rec]), _ctx(tmp_path / "run"))
+def test_duplicate_ids_are_ledgered_and_the_first_is_kept(tmp_path):
+    first, other = make_record(0), make_record(1)
+    repeat = {**first, "question": "the same id again"}
+    result = ShardStage({}).process(to_table([first, other, repeat, repeat]), _ctx(tmp_path / "run"))
+    assert sorted(result.table.column("id").to_pylist()) == sorted([first["id"], other["id"]])
+    kept = next(r for r in result.table.to_pylist() if r["id"] == first["id"])
+    assert kept["question"] == first["question"]
+    assert [(r.id, r.rule, r.record) for r in result.rejections] == [(first["id"], "duplicate_id", "video0000")] * 2
+    assert "occurs 3 times upstream; the first is kept" in result.rejections[0].reason
+    manifest = json.loads((tmp_path / "run" / "dataset" / "manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["ledger"][0]["rule"] == "duplicate_id"
 
 
 def test_config_validation():

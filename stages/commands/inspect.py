@@ -2,8 +2,12 @@
 
 PATH may be a run directory, its dataset/, one split folder, a stage output folder or a Parquet file.
 Prints rows, counts per split/task/source, a few numbers from the alignment scores, and the ledger
-(rows per stage and rule with an example reason). `--verify` re-hashes every shard against the
-manifest; `--json` prints the same summary for scripts.
+(rows per stage and rule with an example reason). `--json` prints the same summary for scripts.
+
+`--verify` re-hashes every shard against the manifest and finds files in the split folders that the
+manifest does not list; for a dataset inside a run directory it also checks that the dataset is the
+run's plan's (the manifest's shard fingerprint is plan.json's), and given the run directory itself it
+re-hashes every committed unit's data and ledger files against their commit records.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.rundir import RunDir, Unit, verify_committed
 from stages.commands._records import Located, locate
-from stages.shard import count_rows, ledger_counts
+from stages.shard import count_rows, ledger_counts, listing, unlisted_files
 
 SUMMARY_COLUMNS = ["id", "split", "task", "source", "scores"]
 
@@ -27,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="run directory, dataset/, split folder, stage output folder or Parquet file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--verify", action="store_true", help="check every shard's size and sha256 against manifest.json")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard's size and sha256 against manifest.json, the dataset against the run's "
+                        "plan, and (given a run directory) every committed unit's files against their records")
     p.set_defaults(func=handler)
 
 
@@ -62,7 +69,41 @@ def verify_shards(located: Located) -> list[str]:
                 problems.append(f"{shard['path']}: {len(data)} bytes, manifest says {shard['bytes']}")
             elif hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 problems.append(f"{shard['path']}: sha256 differs from manifest.json")
+    problems += [f"{rel}: not listed in manifest.json" for rel in unlisted_files(listing(located.fs, located.path),
+                                                                                  located.manifest)]
     return problems
+
+
+def _plan(located: Located) -> dict[str, Any] | None:
+    if located.run_path is None:
+        return None
+    with located.fs.open_input_stream(posixpath.join(located.run_path, "plan.json")) as stream:
+        return json.loads(stream.read())
+
+
+def verify_plan(located: Located) -> list[str]:
+    """Whether a dataset inside a run directory is the one the run's plan makes: its manifest was
+    written by the plan's shard unit (another config built in between leaves another dataset)."""
+    plan, manifest = _plan(located), located.manifest or {}
+    if plan is None:
+        return []
+    nodes = plan.get("nodes", {})
+    node = manifest.get("node") or next((n for n, info in nodes.items() if info.get("stage") == "shard"), None)
+    expected = (nodes.get(node) or {}).get("fingerprint")
+    if expected is None or manifest.get("fingerprint") == expected:
+        return []
+    run = located.run_path
+    return [f"manifest.json: written by {node} fingerprint {manifest.get('fingerprint')}, but the run's plan.json has "
+            f"{expected}: the dataset does not match the run's plan (`stgr resume {run}` puts the plan's dataset in place)"]
+
+
+def verify_units(located: Located) -> list[str]:
+    """Every committed unit of the run's plan, its data and ledger re-hashed against its commit record."""
+    plan = _plan(located)
+    run = RunDir(located.run_path or "", located.fs, located.run_path or "")
+    units = [Unit(node, info["fingerprint"], p) for node, info in (plan or {}).get("nodes", {}).items()
+             for p in range(int(info["partitions"]))]
+    return verify_committed(run, units)
 
 
 def summarise(located: Located) -> dict[str, Any]:
@@ -113,11 +154,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def verify(located: Located, whole_run: bool) -> list[str]:
+    """Everything `--verify` checks (see the module's doc); `whole_run`: the path was the run directory."""
+    problems = verify_units(located) if whole_run else []
+    if located.manifest:
+        return problems + verify_plan(located) + verify_shards(located)
+    if whole_run:
+        return problems + ["dataset/manifest.json: missing: the run has no dataset (`stgr resume` publishes it)"]
+    return ["no manifest.json here: nothing to verify against"]
+
+
 def handler(args: argparse.Namespace) -> int:
     located = locate(args.path)
     if args.verify:
         # before reading anything: a damaged shard would otherwise fail the summary with a decoder error
-        problems = verify_shards(located) if located.manifest else ["no manifest.json here: nothing to verify against"]
+        whole_run = located.run_path is not None and RunDir.open(args.path).path == located.run_path
+        problems = verify(located, whole_run)
         if problems:
             print(json.dumps({"path": located.uri, "verify": problems}, indent=2) if args.json
                   else "shard problems:\n" + "\n".join(f"  {p}" for p in problems))
