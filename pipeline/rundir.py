@@ -53,6 +53,11 @@ def part_name(partition: int) -> str:
     return f"part-{partition:05d}"
 
 
+def ledger_dir(node: str, fingerprint: str) -> str:
+    """The folder (relative to the run) of the ledger files a node's units of one fingerprint commit."""
+    return f"ledger/{node}/{fingerprint}"
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -332,7 +337,7 @@ class Unit:
 
     @property
     def ledger(self) -> str:
-        return f"ledger/{self.node}/{self.fingerprint}/{part_name(self.partition)}.parquet"
+        return f"{ledger_dir(self.node, self.fingerprint)}/{part_name(self.partition)}.parquet"
 
     def key(self) -> str:
         return f"{self.node}/{part_name(self.partition)}"

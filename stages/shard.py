@@ -24,18 +24,15 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
 from pipeline.registry import register_stage
-from pipeline.rundir import RunDir, Unit, is_committed, read_verified_table
+from pipeline.rundir import RunDir
 from pipeline.stage import LEDGER_SCHEMA, Rejection, Stage, StageReport, StageResult, UnitContext
+from stages.lib.dataset import SPLIT_DIRS, count_rows, ledger_counts, listing, read_ledger, unlisted_files
 from stages.lib.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, conform
-
-#: Split value in the `split` column -> dataset sub-directory (the names of the released STGR sets).
-SPLIT_DIRS: dict[str, str] = {"sft": "stgr-cot", "rl": "stgr-rl"}
 
 
 def split_of(ids: pa.Array | list[str], rl_fraction: float, salt: str = "") -> np.ndarray:
@@ -73,53 +70,6 @@ def _with_provenance(table: pa.Table, ctx: UnitContext) -> pa.Table:
     arrays[names.index("stage_fingerprints")] = fp
     struct = pa.StructArray.from_arrays(arrays, fields=list(PROVENANCE))
     return table.set_column(table.schema.get_field_index("provenance"), "provenance", struct)
-
-
-def count_rows(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
-    """Rows per combination of `keys`, sorted, as plain dicts (for JSON and the card)."""
-    if table.num_rows == 0:
-        return []
-    grouped = table.select(keys).group_by(keys).aggregate([([], "count_all")]).to_pylist()
-    rows = [{**{k: r[k] for k in keys}, "rows": r["count_all"]} for r in grouped]
-    return sorted(rows, key=lambda r: tuple("" if r[k] is None else str(r[k]) for k in keys))
-
-
-def read_ledger(fs: pafs.FileSystem, run_path: str, fingerprints: Mapping[str, str],
-                verify_in: RunDir | None = None) -> pa.Table:
-    """Every ledger row the given (stage, fingerprint) units committed, as one table.
-
-    Only the fingerprints of this build count: a run directory keeps the ledgers of older configs
-    too (they are reused when the config goes back), and counting them would double the rejections.
-    With `verify_in` (the run directory, for the dataset's counts) a ledger whose unit is committed is
-    checked against the sha256 in its commit record (CorruptUnit when it is damaged).
-    """
-    tables = []
-    for stage, fingerprint in sorted(fingerprints.items()):
-        directory = posixpath.join(run_path, "ledger", stage, fingerprint)
-        if fs.get_file_info(directory).type != pafs.FileType.Directory:
-            continue
-        files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(directory))
-                       if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
-        plain = []
-        for path in files:
-            unit = Unit(stage, fingerprint, int(posixpath.basename(path)[len("part-"):-len(".parquet")]))
-            if verify_in is not None and is_committed(verify_in, unit):
-                tables.append(read_verified_table(verify_in, unit, ledger=True)[0].cast(LEDGER_SCHEMA))
-            else:
-                plain.append(path)
-        if plain:
-            tables.append(pads.dataset(plain, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA).to_table())
-    return pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()
-
-
-def ledger_counts(ledger: pa.Table) -> list[dict[str, Any]]:
-    """Rejections per (stage, rule), with one example reason each, most frequent first."""
-    if ledger.num_rows == 0:
-        return []
-    grouped = ledger.group_by(["stage", "rule"], use_threads=False).aggregate([([], "count_all"), ("reason", "first")]).to_pylist()
-    rows = [{"stage": r["stage"], "rule": r["rule"], "rows": r["count_all"], "example": r["reason_first"]}
-            for r in grouped]
-    return sorted(rows, key=lambda r: (r["stage"], -r["rows"], r["rule"]))
 
 
 def top_rules(ledger: list[dict[str, Any]], n: int) -> str:
@@ -370,17 +320,6 @@ def drop_duplicate_ids(table: pa.Table) -> tuple[pa.Table, list[Rejection]]:
     return table.take(pa.array(keep, pa.int64())), rejections
 
 
-def listing(fs: pafs.FileSystem, directory: str) -> dict[str, int]:
-    """Relative path -> size of every file under `directory` (none if it does not exist)."""
-    selector = pafs.FileSelector(directory, recursive=True, allow_not_found=True)
-    return {info.path[len(directory) + 1:]: info.size for info in fs.get_file_info(selector)
-            if info.type == pafs.FileType.File}
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith(".") for part in rel.split("/"))
-
-
 def dataset_problems(fs: pafs.FileSystem, directory: str, manifest: Mapping[str, Any],
                      fingerprint: str | None = None) -> list[str]:
     """Why the dataset folder is not exactly the one `manifest` describes (empty: it is): another
@@ -401,13 +340,6 @@ def dataset_problems(fs: pafs.FileSystem, directory: str, manifest: Mapping[str,
                 problems.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
     problems += [f"{rel}: not listed in manifest.json" for rel in unlisted_files(files, manifest)]
     return problems
-
-
-def unlisted_files(files: Mapping[str, int], manifest: Mapping[str, Any] | None) -> list[str]:
-    """The `files` of a dataset folder (see `listing`) inside its split folders that `manifest` does
-    not list; hidden names (temporary files) are not a reader's concern."""
-    listed = {s["path"] for info in (manifest or {}).get("splits", {}).values() for s in info.get("shards", [])}
-    return sorted(rel for rel in files if "/" in rel and not _hidden(rel) and rel not in listed)
 
 
 def _in_plan(run: RunDir, ctx: UnitContext) -> bool:

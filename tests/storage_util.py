@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from stages.shard import SPLIT_DIRS
+from stages.lib.dataset import SPLIT_DIRS
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipeline.errors import InputError
+from stages.lib.dataset import SPLIT_DIRS, read_ledger
 from stages.lib.schema import RECORD_SCHEMA, conform
-from stages.shard import SPLIT_DIRS, read_ledger
 
 
 @dataclass

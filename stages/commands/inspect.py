@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from pipeline.rundir import RunDir, Unit, verify_committed
 from stages.commands._records import Located, locate
-from stages.shard import count_rows, ledger_counts, listing, unlisted_files
+from stages.lib.dataset import count_rows, ledger_counts, listing, unlisted_files
 
 SUMMARY_COLUMNS = ["id", "split", "task", "source", "scores"]
 

@@ -47,8 +47,8 @@ from pipeline.errors import UserError
 from stages.commands._records import Located, locate
 from stages.commands.inspect import summarise
 from stages.commands.show import GT_COLOUR, chosen_frames, draw_frame, iou_colour
+from stages.lib.dataset import SPLIT_DIRS, read_ledger
 from stages.lib.media import FrameReader
-from stages.shard import SPLIT_DIRS, read_ledger
 
 #: File whose presence marks a folder as written by `stgr view`, so that a rewrite may clear it.
 MARKER = ".stgr-view"
