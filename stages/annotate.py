@@ -3,8 +3,8 @@
 Each record becomes one `ChatRequest`: its sampled frames (JPEG, labelled `Frame k at t s:`, read by
 `stages.lib.media.FrameReader`), the task's prompt template from the versioned prompt set
 (`conf/prompts/`, `stages.lib.prompts.PromptSet`), rendered with the record's ground truth
-(`stages.lib.prompts.record_context`). The backend (`annotator.backend`: template, transformers, vllm, openai, ...) is built
-once per actor in `setup()`. Responses are looked up in, and written to, the run's response cache
+(`stages.lib.prompts.record_context`). The backend (`annotator.backend`: template, transformers,
+vllm, openai, ...) is built once per actor in `setup()`. Responses are looked up in, and written to, the run's response cache
 (`stages/lib/response_cache.py`) one batch at a time, so a unit killed halfway has paid once for
 what it got, and its retry or a resumed build pays only for the rest.
 

@@ -2,7 +2,8 @@
 
 A backend turns chat requests (`stages.lib.chat.ChatRequest`: text plus frames labelled with their
 times) into completions. The annotator, the verifier and `stgr eval` all go through it, so a model
-that works for one works for all. Backends register with `register_backend`; heavy libraries are imported in `__init__`/`load`.
+that works for one works for all. Backends register with `register_backend`; heavy libraries are
+imported in `__init__`/`load`.
 """
 from __future__ import annotations
 

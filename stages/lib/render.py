@@ -113,10 +113,6 @@ def select_frames(times: Sequence[float], keys: Sequence[float], max_frames: int
     return sorted(set(chosen))
 
 
-
-
-
-
 class RenderError(InputError):
     """A record whose trace cannot be written in the model's frame (see `render_target`)."""
 

@@ -1,4 +1,5 @@
-"""Source adapters and the `source` stage: dataset formats in, canonical seed records out.
+"""Source adapters: dataset formats in, canonical seed records out; the `source` stage
+(stages/source.py) runs them.
 
 See stages/sources/base.py for the adapter contract and docs/sources.md for each format.
 """

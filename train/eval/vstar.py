@@ -127,7 +127,6 @@ def parse_span(text: str | None) -> tuple[float, float] | None:
     return None
 
 
-
 @dataclass(frozen=True)
 class SpatialScore:
     ious: list[float]  # one per ground-truth box, in file order
