@@ -19,6 +19,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.lease import LEASE, LeaseHeld, acquire
 from pipeline.rundir import RunDir
+from pipeline.status import format_status, run_status
 from tests.engine_util import CONF, build_cmd, expected_threshold_rows, kill_session, node_rows, run_stgr, stgr
 
 FAST = ["numbers.work_s=0.05"]
@@ -49,6 +50,10 @@ def test_lease_record_sharing_heartbeat_and_release(tmp_path: Path) -> None:
         acquire(run, "plan b", "b")
     message = str(refused.value)
     assert "\n" not in message and f"pid {os.getpid()}" in message and socket.gethostname() in message
+
+    run.write_text("plan.json", json.dumps({"build_id": "a", "nodes": {}}))
+    status = format_status(run_status(run))
+    assert f"held by build 'a' on host {socket.gethostname()}, pid {os.getpid()}" in status.splitlines()[1]
 
     joined = acquire(run, "plan a", "a again")
     assert joined.shared and json.loads(run.read_text(LEASE))["owner"] == lease.owner
