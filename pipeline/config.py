@@ -1,11 +1,16 @@
 """Build configuration: compose with Hydra, validate the DAG before anything runs.
 
 Every mistake is reported as one ConfigError line naming the key (`dag.sample.after`, `sample.fps`)
-so the CLI can print it and exit 2 without touching the run directory.
+so the CLI can print it and exit 2 without touching the run directory. An override of a key that
+does not exist names the closest key that does (`did you mean source.num_videos?`) instead of Hydra's
+hint to add it with `+`, because following that hint builds with a key no stage reads; for the same
+reason `+key=...` is refused when the config already has a key one typo away.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -19,21 +24,119 @@ from pipeline.stage import Stage
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+#: Hydra's messages for an override of a key the config lacks (change or delete), and for a group option
+#: that has no file.
+_UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'|Could not delete from config\. '([^']+)' does not exist")
+_UNKNOWN_OPTION = re.compile(r"Could not find '([^']+)'")
+#: How alike a key must be to the one written to be offered as "did you mean" (difflib's ratio).
+SIMILARITY = 0.75
 
-def compose(overrides: Sequence[str] = (), config_name: str = "build", conf_dir: Path | None = None) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with Hydra overrides; Hydra's own errors become ConfigError."""
+
+def _hydra_compose(overrides: Sequence[str], config_name: str, conf_dir: Path) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "build", conf_dir: Path | None = None) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra overrides; Hydra's own errors become one
+    ConfigError line, an unknown key with the closest valid one."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    conf_dir = Path(conf_dir or CONF_DIR)
     try:
-        with initialize_config_dir(config_dir=str(conf_dir or CONF_DIR), version_base=None):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-        OmegaConf.resolve(cfg)
+        cfg = _hydra_compose(overrides, config_name, conf_dir)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"config: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"config: {_explain(exc, overrides, config_name, conf_dir)}") from exc
+    _refuse_added_typos(cfg, overrides)
     return cfg
+
+
+def _explain(exc: Exception, overrides: Sequence[str], config_name: str, conf_dir: Path) -> str:
+    """Hydra's error in one line, naming the valid key or option closest to the one written."""
+    text = " ".join(str(exc).split())
+    unknown = _UNKNOWN_KEY.search(text)
+    if unknown:
+        key = unknown.group(1) or unknown.group(2)
+        others = [o for o in overrides if _override_key(o) != key]
+        try:
+            base = _hydra_compose(others, config_name, conf_dir)
+        except Exception:  # noqa: BLE001 - another override is wrong too: suggest from the defaults
+            base = _hydra_compose([], config_name, conf_dir)
+        return unknown_key(key, base)
+    option = _UNKNOWN_OPTION.search(text)
+    if option and "/" in option.group(1):
+        group, name = option.group(1).rsplit("/", 1)
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        hint = difflib.get_close_matches(name, options, n=1, cutoff=SIMILARITY)
+        said = f" (did you mean {group}={hint[0]}?)" if hint else ""
+        return f"{group}={name}: no such option{said}; options: {', '.join(options) or 'none'}"
+    if "missing EQUAL" in text:
+        bad = re.search(r"override '([^']+)'", text)
+        return f"override '{bad.group(1) if bad else text}' has no '=': write KEY=VALUE"
+    return text.split(" Config search path:")[0]
+
+
+def _override_key(override: str) -> str | None:
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        return OverridesParser.create().parse_overrides([override])[0].key_or_group
+    except Exception:  # noqa: BLE001 - an unparsable override has no key; Hydra reports it
+        return None
+
+
+def closest_key(key: str, cfg: DictConfig, exclude: str | None = None) -> str | None:
+    """The existing key most like `key`, correcting each part that is not there to its closest sibling
+    (`filter.rules.claim_iuo.threshold` -> `filter.rules.claim_iou.threshold`); None when a part has none."""
+    node: Any = cfg
+    path: list[str] = []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):
+            return None
+        names = [str(k) for k in node.keys() if ".".join([*path, str(k)]) != exclude]
+        if part not in names:
+            hit = difflib.get_close_matches(part, names, n=1, cutoff=SIMILARITY)
+            if not hit:
+                return None
+            part = hit[0]
+        path.append(part)
+        node = node._get_node(part)
+    corrected = ".".join(path)
+    return corrected if corrected != key else None
+
+
+def unknown_key(key: str, cfg: DictConfig) -> str:
+    """`unknown key 'source.num_vidoes' (did you mean source.num_videos?)`, or the keys that exist there."""
+    hint = closest_key(key, cfg)
+    if hint:
+        return f"unknown key '{key}' (did you mean {hint}?)"
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:depth])
+        node = OmegaConf.select(cfg, parent, throw_on_missing=False)
+        if isinstance(node, DictConfig):
+            return f"unknown key '{key}'; {parent} has: {', '.join(str(k) for k in node.keys())}"
+    return f"unknown key '{key}'; top-level keys: {', '.join(str(k) for k in cfg.keys())}"
+
+
+def _refuse_added_typos(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """`+source.num_vidoes=8` adds a key beside `source.num_videos`, which no stage reads: refuse it."""
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = _override_key(override)
+        if not key or "." not in key:
+            continue  # `+group=option` adds a config group
+        hint = closest_key(key, cfg, exclude=key)
+        if hint:
+            raise ConfigError(f"config: {override.split('=', 1)[0]} adds a key the config does not have "
+                              f"(did you mean {hint}?)")
 
 
 @dataclass
