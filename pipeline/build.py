@@ -1,24 +1,35 @@
 """`stgr build` / `stgr resume`: validate, take the run's lease, connect to Ray, run what is not
-committed (again after damaged units were invalidated), put published products in place, report."""
+committed (again after damaged units were invalidated), put published products in place, report.
+
+A run whose every unit is committed is settled without Ray (starting it costs tens of seconds to say
+that nothing is left). Ctrl-C ends the build with one line saying what is committed and the exact
+`stgr resume` command, exit 130: committed units are safe by construction (rundir's commit protocol),
+so an interrupt is a normal way to stop a build. `--dry-run` and `--print-config` say what a build
+would do and with which config, writing nothing and starting nothing.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import ray
-from omegaconf import OmegaConf
 
-from pipeline.config import BuildPlan, compose, from_yaml, to_yaml, validate
-from pipeline.errors import EXIT_FAILED_UNITS, EXIT_OK, EXIT_UNUSABLE, ConfigError
+from pipeline.config import BuildPlan, compose_plan, from_yaml, to_yaml, validate
+from pipeline.errors import EXIT_FAILED_UNITS, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNUSABLE, ConfigError
 from pipeline.executor import NodeState, Outcome, execute, resolve_nodes, write_plan
 from pipeline.fingerprint import plan_digest
 from pipeline.lease import DEFAULT_TTL_S, Lease, acquire
-from pipeline.progress import Progress
-from pipeline.rundir import CorruptUnit, RunDir, Unit, invalidate, is_committed, read_commit, read_verified_table
+from pipeline.progress import Progress, format_seconds
+from pipeline.redact import secret_names
+from pipeline.rundir import CorruptUnit, RunDir, Unit, invalidate, is_committed, part_name, read_commit, read_verified_table
 from pipeline.stage import Stage, UnitContext
+from pipeline.status import open_run
 
 log = logging.getLogger("stgr")
 
@@ -29,36 +40,30 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_AUTH_MODE", "STG
                  "TOKENIZERS_PARALLELISM")
 
 
-def forwarded_env_names(plan: BuildPlan | None) -> list[str]:
-    """Variables named by the stages' `env_keys` (e.g. `annotator.api_key_env`), for the workers."""
-    if plan is None:
-        return []
-    names = []
-    for spec in plan.nodes.values():
-        for key in spec.stage_cls.env_keys:
-            name = spec.config.get(key)
-            if isinstance(name, str) and name:
-                names.append(name)
-    return names
-
-
-def worker_env(plan: BuildPlan | None = None) -> dict[str, str]:
-    """Environment every worker gets: the driver's import path (plugins), offline flags, and the
-    variables the stages name (API keys). It travels in Ray's runtime env, never in the run directory."""
+def worker_env() -> dict[str, str]:
+    """Environment every worker gets: the driver's import path (plugins) and the offline flags. It
+    travels in Ray's runtime env, which Ray's runtime-env agent logs, so it holds no secret: the
+    variables the stages name (API keys) go to the units in their tasks (pipeline.redact)."""
     paths = [os.getcwd(), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-    for key in (*FORWARDED_ENV, *forwarded_env_names(plan)):
+    for key in FORWARDED_ENV:
         if key in os.environ:
             env[key] = os.environ[key]
     return env
 
 
-def connect(cluster: dict[str, Any], plan: BuildPlan | None = None) -> bool:
+def job_env(plan: BuildPlan | None) -> dict[str, str]:
+    """`worker_env` plus the secret variables the plan names: the environment of a `--submit`ted
+    driver, which runs on the cluster and has no other way to get them (docs/annotators.md)."""
+    return {**worker_env(), **{name: os.environ[name] for name in secret_names(plan) if name in os.environ}}
+
+
+def connect(cluster: dict[str, Any]) -> bool:
     """Join `cluster.address` / RAY_ADDRESS, or start an embedded local Ray. True if we started it."""
     if ray.is_initialized():
         return False
     address = cluster.get("address") or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env(plan)}
+    runtime_env = {"env_vars": worker_env()}
     if address:
         # A Ray Job's driver already runs in the job's runtime env (set by `--submit`); Ray refuses a second.
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -92,17 +97,11 @@ def collect_reports(run: RunDir, states: dict[str, NodeState], outcome: Outcome,
     return reports
 
 
-def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
-              interactive: bool | None = None, config_dir: str | None = None, config_name: str = "build") -> int:
-    """Build (or continue) the run in `run_dir` and print its summary.
-
-    Exit code (pipeline.errors): 0 when every unit committed, 1 when one failed or was blocked (or the
-    run directory itself failed: full, read-only, unreachable), 3 when all committed but a stage
-    reported its product unusable (an empty dataset). Raises ConfigError/InputError (exit 2) before
-    anything is written when the config or an input file is unusable, and LeaseHeld (exit 2) when a
-    live build of another plan holds the run directory.
-    """
-    run = RunDir.open(run_dir)
+def load_plan(run_dir: str, overrides: Sequence[str] = (), resume: bool = False, config_dir: str | None = None,
+              config_name: str = "build") -> tuple[RunDir, dict[str, Any], BuildPlan]:
+    """The run directory, the resolved config (the stored one for a resume) and the validated plan;
+    ConfigError/InputError (exit 2) before anything is written."""
+    run = open_run(run_dir)
     if resume:
         if not run.exists("config.yaml"):
             raise ConfigError(f"run: {run.uri} has no config.yaml; start it with `stgr build --run {run_dir}`")
@@ -110,41 +109,138 @@ def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
         if overrides:
             raise ConfigError("overrides: `stgr resume` reuses the stored config; use `stgr build` to change it")
     else:
-        config = OmegaConf.to_container(compose(overrides, config_name, Path(config_dir).resolve() if config_dir else None), resolve=True)
-    plan = validate(config)
+        plan = compose_plan(overrides, config_name, config_dir)
+        return run, plan.config, plan
+    return run, config, validate(config)
+
+
+def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
+              interactive: bool | None = None, config_dir: str | None = None, config_name: str = "build") -> int:
+    """Build (or continue) the run in `run_dir` and print its summary.
+
+    Exit code (pipeline.errors): 0 when every unit committed, 1 when one failed or was blocked (or the
+    run directory itself failed: full, read-only, unreachable), 3 when all committed but a stage
+    reported its product unusable (an empty dataset), 130 when interrupted (Ctrl-C). Raises
+    ConfigError/InputError (exit 2) before anything is written when the config or an input file is
+    unusable, and LeaseHeld (exit 2) when a live build of another plan holds the run directory.
+    """
+    began = time.monotonic()
+    run, config, plan = load_plan(run_dir, overrides, resume, config_dir, config_name)
     states = resolve_nodes(plan)
     build_id = config.get("build_id") or Path(run.path).name
     ttl = config.get("lease_ttl_s", DEFAULT_TTL_S)
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
         raise ConfigError(f"lease_ttl_s: expected a positive number of seconds, got {ttl!r}")
     try:
-        return _leased_build(run, plan, states, build_id, config, float(ttl), interactive)
+        return _leased_build(run, plan, states, build_id, config, float(ttl), interactive, began)
     except OSError as exc:
         print(f"stgr: error: storage: {exc} (run directory {run.uri}); "
               f"`stgr resume {run.uri}` continues once it is fixed", file=sys.stderr, flush=True)
         return EXIT_FAILED_UNITS
 
 
+def all_units(states: dict[str, NodeState]) -> list[Unit]:
+    return [Unit(n, s.fingerprint, p) for n, s in states.items() for p in range(s.partitions)]
+
+
 def _leased_build(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id: str, config: dict[str, Any],
-                  ttl: float, interactive: bool | None) -> int:
+                  ttl: float, interactive: bool | None, began: float) -> int:
     """Take the run's lease, write config and plan, run the passes, release, print the summary."""
     run.makedirs("")
     digest = plan_digest({n: (s.fingerprint, s.partitions) for n, s in states.items()})
     lease = acquire(run, digest, build_id, ttl).start()
     fresh: dict[Unit, dict[str, Any]] = {}
+    owned = not ray.is_initialized()
     try:
         run.write_text("config.yaml", to_yaml(config))
         write_plan(run, states, build_id)
-        started = connect(config.get("cluster") or {}, plan)
         try:
-            with Progress({n: s.partitions for n, s in states.items()}, interactive) as progress:
-                outcome = execute_passes(run, plan, states, build_id, progress, fresh)
+            outcome = settle_complete(run, plan, states, build_id)
+            if outcome is None:
+                connect(config.get("cluster") or {})
+                with Progress({n: s.partitions for n, s in states.items()}, interactive) as progress:
+                    outcome = execute_passes(run, plan, states, build_id, progress, fresh)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+            outcome = None
         finally:
-            if started:
+            if owned and ray.is_initialized():
                 ray.shutdown()
     finally:
         lease.release()
-    return summarise(run, states, outcome, fresh, lease)
+    if outcome is None:
+        return report_interrupt(run, states)
+    return summarise(run, states, outcome, fresh, lease, time.monotonic() - began)
+
+
+def settle_complete(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id: str) -> Outcome | None:
+    """The outcome of a run whose every unit is already committed, reached without Ray (putting missing
+    products in place from the committed units); None when something is left to run."""
+    units = all_units(states)
+    if not all(is_committed(run, unit) for unit in units) or publish_products(run, plan, states, build_id):
+        return None
+    log.info("all %d units of %s are committed: nothing to run (Ray not started)", len(units), run.uri)
+    return Outcome(reused=set(units))
+
+
+def report_interrupt(run: RunDir, states: dict[str, NodeState]) -> int:
+    """One line: what is committed (read from the run directory, so a straggler's commit counts too)
+    and the command that continues the build."""
+    per_node = [(node, sum(is_committed(run, Unit(node, s.fingerprint, p)) for p in range(s.partitions)), s.partitions)
+                for node, s in states.items()]
+    done = sum(d for _, d, _ in per_node)
+    total = sum(t for _, _, t in per_node)
+    stages = ", ".join(f"{node} {d}/{t}" for node, d, t in per_node)
+    print(f"stgr: interrupted: {done} of {total} units committed ({stages}); "
+          f"`stgr resume {shlex.quote(run.uri)}` continues from there", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def dry_run(run_dir: str, overrides: Sequence[str] = (), resume: bool = False, config_dir: str | None = None,
+            config_name: str = "build") -> int:
+    """Print the plan a build would carry out: per node its units, how many would be reused and which
+    would run and why (never built, failed before, a new fingerprint). Writes nothing, starts no Ray."""
+    run, _, plan = load_plan(run_dir, overrides, resume, config_dir, config_name)
+    states = resolve_nodes(plan)
+    previous = _stored_plan(run)
+    rows = [("node", "stage", "units", "reused", "to run", "why")]
+    to_run = 0
+    for node, state in states.items():
+        pending = [p for p in range(state.partitions) if not is_committed(run, Unit(node, state.fingerprint, p))]
+        to_run += len(pending)
+        rows.append((node, state.stage, str(state.partitions), str(state.partitions - len(pending)), str(len(pending)),
+                     _why(run, node, state, pending, previous)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print(f"dry run of {run.uri}: nothing is written and Ray is not started")
+    for r in rows:
+        print("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), *(c.rjust(w) for c, w in zip(r[2:5], widths[2:])),
+                         r[5]]).rstrip())
+    total = sum(s.partitions for s in states.values())
+    print(f"{total - to_run} of {total} units would be reused, {to_run} would run")
+    return EXIT_OK
+
+
+def _stored_plan(run: RunDir) -> dict[str, Any]:
+    """The nodes of the plan the last build wrote (empty for a new run)."""
+    import json
+
+    if not run.exists("plan.json"):
+        return {}
+    return json.loads(run.read_text("plan.json")).get("nodes", {})
+
+
+def _why(run: RunDir, node: str, state: NodeState, pending: list[int], previous: dict[str, Any]) -> str:
+    if not pending:
+        return "all committed"
+    before = previous.get(node)
+    if before and before.get("fingerprint") != state.fingerprint:
+        return (f"rerun: new fingerprint {state.fingerprint[:12]} (was {before['fingerprint'][:12]}: its config or "
+                "an upstream node's changed)")
+    failed = [p for p in pending if run.exists(Unit(node, state.fingerprint, p).error)]
+    shown = ", ".join(part_name(p) for p in pending[:4]) + (", ..." if len(pending) > 4 else "")
+    reason = "failed before, " if failed and len(failed) == len(pending) else \
+        f"{len(failed)} failed before, " if failed else ""
+    return f"{reason}not committed: {shown}"
 
 
 def execute_passes(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id: str, progress: Progress,
@@ -169,7 +265,7 @@ def execute_passes(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], b
     committed: set[Unit] = set()
     reused: set[Unit] | None = None
     for _ in range(len(plan.order) + 1):
-        outcome = execute(run, plan, states, build_id, on_commit, {"env_vars": worker_env(plan)})
+        outcome = execute(run, plan, states, build_id, on_commit, {"env_vars": worker_env()})
         committed |= outcome.committed
         reused = outcome.reused if reused is None else reused
         damaged = [u for u, error in outcome.failed.items() if error.startswith(f"{CorruptUnit.__name__}:")]
@@ -212,14 +308,16 @@ def publish_products(run: RunDir, plan: BuildPlan, states: dict[str, NodeState],
 
 
 def summarise(run: RunDir, states: dict[str, NodeState], outcome: Outcome, fresh: dict[Unit, dict[str, Any]],
-              lease: Lease) -> int:
-    """Print what failed and why, the counts and the stages' reports; the build's exit code."""
+              lease: Lease, seconds: float = 0.0) -> int:
+    """Print what failed and why, the counts and wall time, the stages' reports (the dataset's path,
+    rows per set and task, the ledger's top rules) and where to look next; the build's exit code."""
     for unit, error in sorted(outcome.failed.items(), key=lambda kv: kv[0].key()):
         print(f"FAILED {unit.key()}: {error.splitlines()[0]}", file=sys.stderr)
     if outcome.pending:
         print(f"{len(outcome.pending)} unit(s) not run because an input failed", file=sys.stderr)
     print(f"{run.uri}: {len(outcome.committed)} unit(s) committed, {len(outcome.reused)} reused, "
-          f"{len(outcome.failed)} failed, {len(outcome.pending)} blocked", file=sys.stderr, flush=True)
+          f"{len(outcome.failed)} failed, {len(outcome.pending)} blocked in {format_seconds(seconds)}",
+          file=sys.stderr, flush=True)
     if not outcome.ok:
         print(f"`stgr resume {run.uri}` runs the failed and blocked units again once their cause is fixed",
               file=sys.stderr, flush=True)
@@ -233,6 +331,13 @@ def summarise(run: RunDir, states: dict[str, NodeState], outcome: Outcome, fresh
     failures = [r["failure"] for r in reports if r.get("failure")]
     for line in failures:
         print(line, file=sys.stderr, flush=True)
+    where = shlex.quote(run.uri)
+    if outcome.ok and not failures:
+        print(f"next: `stgr view {where}` to look through it, `stgr inspect {where}` for counts and rejections, "
+              f"`stgr status {where}` per stage", flush=True)
+    else:
+        print(f"next: `stgr status {where}` names each failed unit and its error; `stgr inspect {where}` "
+              "lists the ledger's rules", flush=True)
     if not outcome.ok or lease.lost:
         return EXIT_FAILED_UNITS
     return EXIT_UNUSABLE if failures else EXIT_OK

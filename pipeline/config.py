@@ -229,6 +229,12 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
     return BuildPlan(nodes=nodes, order=order, max_attempts=max_attempts, config=config)
 
 
+def compose_plan(overrides: Sequence[str] = (), config_name: str = "build", conf_dir: str | Path | None = None) -> BuildPlan:
+    """Compose and validate in one step: the plan of a new build (its `config` resolved, paths made absolute)."""
+    cfg = compose(overrides, config_name, Path(conf_dir).resolve() if conf_dir else None)
+    return validate(OmegaConf.to_container(cfg, resolve=True))
+
+
 def to_yaml(config: Mapping[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(dict(config)))
 

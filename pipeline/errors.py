@@ -10,6 +10,8 @@ EXIT_FAILED_UNITS = 1
 EXIT_USER_ERROR = 2
 #: Every unit committed but a stage reported its product unusable (`StageReport.failure`: an empty dataset).
 EXIT_UNUSABLE = 3
+#: Interrupted (Ctrl-C, SIGINT): what committed stays committed; `stgr resume` continues.
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):

@@ -9,35 +9,51 @@ withdrawn because its files were damaged (its error note starts with `invalidate
 from __future__ import annotations
 
 import json
+import posixpath
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from pipeline.errors import UserError
 from pipeline.lease import LEASE, describe, is_stale
-from pipeline.rundir import RunDir, part_name
+from pipeline.rundir import RunDir, Unit
+
+
+def open_run(uri: str, built: bool = False) -> RunDir:
+    """The run directory at `uri`; UserError (one line, exit 2) when it is a file, or, with `built`,
+    when it holds no plan.json (no build ever ran there)."""
+    run = RunDir.open(uri)
+    kind = run.fs.get_file_info(run.path).type
+    if kind == pafs.FileType.File:
+        raise UserError(f"{run.uri}: is a file, not a run directory; give a directory (new or of an earlier build)")
+    if built and (kind == pafs.FileType.NotFound or not run.exists("plan.json")):
+        what = "does not exist" if kind == pafs.FileType.NotFound else "holds no plan.json"
+        raise UserError(f"{run.uri}: not a run directory ({what}); `stgr build --run {uri}` starts one")
+    return run
 
 
 def run_status(run: RunDir) -> dict[str, Any]:
     plan = json.loads(run.read_text("plan.json"))
     nodes = []
     for node, info in plan["nodes"].items():
-        stage_dir = f"stages/{node}/{info['fingerprint']}"
-        names = set(run.list_dir(stage_dir))
+        names = set(run.list_dir(Unit(node, info["fingerprint"], 0).stage_dir))
         row: dict[str, Any] = {"node": node, "stage": info["stage"], "fingerprint": info["fingerprint"],
                                "partitions": info["partitions"], "done": 0, "failed": 0, "retrying": 0,
                                "pending": 0, "rows_in": 0, "rows_out": 0, "rows_rejected": 0,
                                "seconds": 0.0, "errors": [], "reports": []}
         for p in range(info["partitions"]):
-            base = part_name(p)
-            if f"{base}.json" in names:
-                record = json.loads(run.read_text(f"{stage_dir}/{base}.json"))
+            unit = Unit(node, info["fingerprint"], p)
+            if posixpath.basename(unit.record) in names:
+                record = json.loads(run.read_text(unit.record))
                 row["done"] += 1
                 for key in ("rows_in", "rows_out", "rows_rejected", "seconds"):
                     row[key] += record.get(key, 0)
                 if record.get("report"):
                     row["reports"].append(record["report"])
-            elif f"{base}.error.json" in names:
-                error = json.loads(run.read_text(f"{stage_dir}/{base}.error.json"))
+            elif posixpath.basename(unit.error) in names:
+                error = json.loads(run.read_text(unit.error))
                 row["failed" if error.get("final") else "retrying"] += 1
-                row["errors"].append({"partition": p, "unit": f"{node}/{base}", "attempt": error.get("attempt"),
+                row["errors"].append({"partition": p, "unit": f"{node}/{part_name(p)}", "attempt": error.get("attempt"),
                                       "error": error.get("error", "")})
             else:
                 row["pending"] += 1
