@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from train.commands._inputs import check_data, check_model, check_output_dir
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,9 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=handler)
 
 
+#: Backends that load the weights of `--model` themselves (the others ask a server or replay a file).
+LOCAL_BACKENDS = ("transformers", "vllm")
+
+
 def handler(args: argparse.Namespace) -> int:
     from train.eval.mcq_data import TITLES
-    from train.evaluate import run_eval
+    from train.evaluate import load_config, run_eval
+
+    check_data(args.data, "--data")
+    check_output_dir(args.out, "--out")
+    cfg = load_config(args.model, args.data, args.overrides)
+    if cfg.backend in LOCAL_BACKENDS:
+        check_model(args.model, cfg.model.get("revision"), "--model")
 
     result = run_eval(args.model, args.data, args.out, args.overrides)
     overall = result["summary"]["overall"]
