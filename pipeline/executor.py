@@ -22,6 +22,7 @@ import ray
 
 from pipeline.config import BuildPlan
 from pipeline.fingerprint import stage_fingerprint
+from pipeline.redact import Secrets, install, secret_names
 from pipeline.rundir import RunDir, Unit, is_committed, record_failure
 from pipeline.scheduler import NodeState, Scheduler, unit_inputs
 from pipeline.worker import StageActor, UnitTask, run_unit
@@ -141,6 +142,8 @@ def execute(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id
                          {n: pool.size for n, pool in pools.items()}, plan.max_attempts,
                          done=[(u.node, u.partition) for u in outcome.reused])
     plugins = tuple(plan.config.get("plugins") or [])
+    secrets = Secrets.from_env(secret_names(plan))  # to each unit in its task, never in the runtime env
+    install(secrets)  # what the driver writes is scrubbed too
     inflight: dict[Any, tuple[int, Unit, Any]] = {}
     while True:
         ready_nodes = schedule.ready_nodes()
@@ -149,7 +152,7 @@ def execute(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id
             unit = Unit(node, states[node].fingerprint, partition)
             task = UnitTask(run.uri, unit, states[node].stage, plan.nodes[node].config,
                             unit_inputs(states, node, partition), states[node].partitions, schedule.attempt(number),
-                            build_id, plugins, fingerprints)
+                            build_id, plugins, fingerprints, secrets)
             if states[node].actor:
                 actor = pools[node].acquire()
                 inflight[actor.run.remote(task)] = (number, unit, actor)

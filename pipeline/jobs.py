@@ -36,14 +36,14 @@ def submit(run_dir: str, arguments: Sequence[str], address: str | None = None, p
     variables its workers need."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.build import worker_env
+    from pipeline.build import job_env
 
     address = _address(address)
     run = RunDir.open(run_dir)
 
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=command_line(run.uri, arguments),
-                               runtime_env={"env_vars": worker_env(plan)},
+                               runtime_env={"env_vars": job_env(plan)},
                                metadata={"stgr_run": run.uri})
     run.makedirs("")
     run.write_text("job.json", json.dumps({"job_id": job_id, "address": address, "submitted_at": time.time(),

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.redact import scrub
 from pipeline.stage import LEDGER_SCHEMA
 
 log = logging.getLogger("stgr")
@@ -439,7 +440,7 @@ def record_failure(run: RunDir, unit: Unit, attempt: int, error: str, final: boo
     Best effort: when the run directory itself is what fails (full disk, read-only), the driver
     still holds the error and prints it; a storage fault must not turn into a crash of the driver.
     """
-    payload = {"node": unit.node, "partition": unit.partition, "attempt": attempt, "error": error,
+    payload = {"node": unit.node, "partition": unit.partition, "attempt": attempt, "error": scrub(error),
                "final": final, "at": time.time()}
     try:
         run.write_text(unit.error, json.dumps(payload, indent=2))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.redact import Secrets, install, scrub, scrub_value
 from pipeline.registry import STAGES, load_plugins
 from pipeline.rundir import CorruptUnit, RunDir, Unit, commit, invalidate, is_committed, read_verified_table
 from pipeline.stage import Stage, UnitContext
@@ -35,6 +36,7 @@ class UnitTask:
     build_id: str
     plugins: tuple[str, ...] = ()
     fingerprints: dict[str, str] = field(default_factory=dict)
+    secrets: Secrets = field(default_factory=Secrets)  # the stages' API keys: see pipeline.redact
 
 
 class UnitFailed(Exception):
@@ -70,6 +72,7 @@ def _read_inputs(run: RunDir, inputs: tuple[Unit, ...]) -> tuple[pa.Table | None
 
 def run_unit(task: UnitTask) -> dict[str, Any]:
     """Run and commit one unit; returns its commit summary. Raises UnitFailed with the traceback."""
+    install(task.secrets)
     run = RunDir.open(task.run_uri)
     if is_committed(run, task.unit):
         return {"skipped": True, "node": task.unit.node, "partition": task.unit.partition}
@@ -91,9 +94,9 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
             raise UnitFailed(f"CorruptUnit: {exc}; cannot invalidate {exc.unit.key()}: {fault}") from None
         raise UnitFailed(f"CorruptUnit: {exc}; {exc.unit.key()} is invalidated and will be recomputed") from None
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which counts attempts
-        raise UnitFailed(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}") from None
+        raise UnitFailed(scrub(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")) from None
     seconds = time.perf_counter() - started
-    ledger_rows = [r.as_row(task.unit.node, task.attempt) for r in result.rejections]
+    ledger_rows = [scrub_value(r.as_row(task.unit.node, task.attempt)) for r in result.rejections]
     record = {
         "node": task.unit.node, "stage": task.stage_name, "partition": task.unit.partition,
         "fingerprint": task.unit.fingerprint, "attempt": task.attempt,

@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.testing import unit_context
 from stages.annotate import AnnotateStage
-from stages.backends import RequestFailed, make_backend
+from stages.backends import AuthenticationFailed, RequestFailed, make_backend
 from stages.lib.chat import IMAGE_END, LABEL_END, ChatRequest, LabelledImage, content_text, frames_content
 from stages.lib.media import FrameReader
 from stages.lib.response_cache import ResponseCache
@@ -270,7 +270,7 @@ def test_persistent_failures_fail_the_unit_after_caching_the_rest(tmp_path, tiny
     assert sum(healthy.calls.values()) == len(doomed)  # only the calls never paid for
 
 
-def test_api_key_comes_from_the_named_env_var_and_bad_requests_go_to_the_ledger(tmp_path, tiny_model_dir, monkeypatch):
+def test_api_key_comes_from_the_named_env_var_a_wrong_key_fails_and_bad_requests_go_to_the_ledger(tmp_path, tiny_model_dir, monkeypatch):
     records = distinct_records(3)  # spatio_temporal, temporal, spatial
 
     def fail(key: str, attempt: int, body: dict) -> str | None:
@@ -282,10 +282,9 @@ def test_api_key_comes_from_the_named_env_var_and_bad_requests_go_to_the_ledger(
         with pytest.raises(ValueError, match="STGR_TEST_KEY is not set"):
             make_backend(config)
         monkeypatch.setenv("STGR_TEST_KEY", "sk-wrong")
-        result = AnnotateStage(config).process(to_table(records), unit_context(tmp_path / "a"))
-        assert result.table.num_rows == 0
-        assert {r.rule for r in result.rejections} == {"annotate_request_failed"}
-        assert all("HTTP 401" in r.reason for r in result.rejections)
+        # a refused key fails the whole unit with one message (never one ledger row per record)
+        with pytest.raises(AuthenticationFailed, match=r"HTTP 401 to the key in api_key_env \(STGR_TEST_KEY\)"):
+            AnnotateStage(config).process(to_table(records), unit_context(tmp_path / "a"))
         assert sum(server.calls.values()) == 0  # refused before counting, and never retried
 
         monkeypatch.setenv("STGR_TEST_KEY", "sk-test-123")

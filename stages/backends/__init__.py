@@ -28,6 +28,12 @@ class RequestFailed(Exception):
         self.retryable = retryable
 
 
+class AuthenticationFailed(RuntimeError):
+    """The endpoint refused the credentials (HTTP 401/403). Every other request would be refused the
+    same way, so it is raised, not returned: the unit fails with this one message (and is retried,
+    then reported), instead of one ledger row per record and an empty dataset."""
+
+
 class Backend(ABC):
     """Generates completions for batches of requests. One instance per worker (it holds the model)."""
 

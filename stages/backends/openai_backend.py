@@ -5,13 +5,16 @@ Frames go as base64 `data:image/jpeg` URLs, each after its `Frame k at t s:` lab
 `stages.lib.chat`'s layout (the one training renders). Requests run concurrently up to
 `concurrency` per actor (an asyncio semaphore over one pooled httpx client).
 429, 5xx, timeouts and dropped connections are retried with exponential backoff and jitter,
-honouring `Retry-After`; other 4xx mean the request itself is bad and come back as a non-retryable
-`RequestFailed` (that record goes to the ledger). Transient trouble that outlasts `max_retries`
+honouring `Retry-After`; 401 and 403 refuse the key itself, so `AuthenticationFailed` is raised and
+the unit fails with one message; other 4xx mean the request itself is bad and come back as a
+non-retryable `RequestFailed` (that record goes to the ledger). Transient trouble that outlasts `max_retries`
 comes back as a retryable `RequestFailed`: the annotate stage caches every other response first,
 then fails the unit so the engine retries it (paying only for the missing calls).
 
 The API key is read from the environment variable named by `api_key_env` when the backend is built
-(on the worker); the key is never part of the config, which is stored in the run directory.
+(on the worker, which the build hands the value to: pipeline.redact); the key is never part of the
+config, which is stored in the run directory, and is cut out of every error text the backend makes
+(an endpoint may echo the key in its error bodies).
 """
 from __future__ import annotations
 
@@ -22,11 +25,14 @@ import random
 import threading
 from typing import Any, Mapping, Sequence
 
-from stages.backends import PerRequestBackend, RequestFailed, register_backend
+from pipeline.redact import Secrets, scrub
+from stages.backends import AuthenticationFailed, PerRequestBackend, RequestFailed, register_backend
 from stages.lib.chat import ChatRequest, frames_content
 
 #: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+#: HTTP statuses that refuse the credentials, whatever the request.
+AUTH_STATUS = frozenset({401, 403})
 
 
 def chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
@@ -81,12 +87,15 @@ class OpenAIBackend(PerRequestBackend):
             raise ValueError("annotator.model: required by the openai backend (the served model's name)")
         self.headers = {"Content-Type": "application/json"}
         key_env = config.get("api_key_env")
+        self.key_env = str(key_env) if key_env else None
+        self.secrets = Secrets()
         if key_env:
             key = os.environ.get(str(key_env))
             if not key:
                 raise ValueError(f"annotator.api_key_env: the environment variable {key_env} is not set on this "
                                  "worker (set it, or api_key_env=null for an endpoint without a key)")
             self.headers["Authorization"] = f"Bearer {key}"
+            self.secrets = Secrets({str(key_env): key})
         self.concurrency = int(config.get("concurrency", 8))
         self.timeout_s = float(config.get("timeout_s", 120))
         self.max_retries = int(config.get("max_retries", 6))
@@ -115,7 +124,13 @@ class OpenAIBackend(PerRequestBackend):
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         async with httpx.AsyncClient(base_url=self.base_url, headers=self.headers, limits=limits,
                                      timeout=httpx.Timeout(self.timeout_s)) as client:
-            return list(await asyncio.gather(*(self._one(client, semaphore, r) for r in requests)))
+            tasks = [asyncio.ensure_future(self._one(client, semaphore, r)) for r in requests]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except AuthenticationFailed:
+                for task in tasks:  # nothing more is sent with a refused key
+                    task.cancel()
+                raise
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         """Exponential backoff with jitter (half to full step), at least what Retry-After asks."""
@@ -127,6 +142,12 @@ class OpenAIBackend(PerRequestBackend):
             except ValueError:
                 pass
         return delay
+
+    def _refused(self, status: int, body: str) -> str:
+        """The one line of an authentication failure: which endpoint, which key variable, what it said."""
+        key = f"the key in api_key_env ({self.key_env})" if self.key_env else "no key (api_key_env is null)"
+        return (f"authentication failed: {self.base_url}/chat/completions answered HTTP {status} to {key}; "
+                f"every request would be refused, so the unit fails: {scrub(body[:300], self.secrets)}")
 
     async def _one(self, client: Any, semaphore: asyncio.Semaphore, request: ChatRequest) -> str | RequestFailed:
         import httpx
@@ -149,12 +170,14 @@ class OpenAIBackend(PerRequestBackend):
                             return completion_text(response.json())
                         except ValueError as exc:
                             last = f"HTTP 200 with an unreadable body: {exc}"
+                    elif status in AUTH_STATUS:
+                        raise AuthenticationFailed(self._refused(status, response.text))
                     elif status in RETRY_STATUS or status >= 500:
-                        last = f"HTTP {status}: {response.text[:300]}"
+                        last = f"HTTP {status}: {scrub(response.text[:300], self.secrets)}"
                         retry_after = response.headers.get("retry-after")
                     else:
                         return RequestFailed(f"HTTP {status} from {self.base_url}/chat/completions: "
-                                             f"{response.text[:500]}", retryable=False)
+                                             f"{scrub(response.text[:500], self.secrets)}", retryable=False)
             if attempt < self.max_retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))
         return RequestFailed(f"{self.base_url}/chat/completions: gave up after {self.max_retries + 1} attempts; "
