@@ -4,9 +4,12 @@
     <run>/plan.json                                   # node -> stage, fingerprint, partitions
     <run>/lease.json                                  # the build that holds the run (pipeline.lease)
     <run>/stages/<node>/<fingerprint>/part-00007.parquet
-    <run>/stages/<node>/<fingerprint>/part-00007.json   # commit record, written last, exactly once
-    <run>/stages/<node>/<fingerprint>/part-00007.error.json  # last failure of an uncommitted unit
+    <run>/stages/<node>/<fingerprint>/_part-00007.json   # commit record, written last, exactly once
+    <run>/stages/<node>/<fingerprint>/_part-00007.error.json  # last failure of an uncommitted unit
     <run>/ledger/<node>/<fingerprint>/part-00007.parquet
+
+The records' leading underscore makes Parquet readers skip them (pyarrow's dataset discovery ignores
+names starting with `_` or `.`), so `pd.read_parquet("<run>/stages/align")` reads a stage's output.
 
 A unit is done if and only if its commit record exists. Data is written under a temporary name and
 renamed into place before the record (on an object store, where a PUT is atomic, straight under its
@@ -330,11 +333,11 @@ class Unit:
 
     @property
     def record(self) -> str:
-        return f"{self.stage_dir}/{part_name(self.partition)}.json"
+        return f"{self.stage_dir}/_{part_name(self.partition)}.json"
 
     @property
     def error(self) -> str:
-        return f"{self.stage_dir}/{part_name(self.partition)}.error.json"
+        return f"{self.stage_dir}/_{part_name(self.partition)}.error.json"
 
     @property
     def ledger(self) -> str:

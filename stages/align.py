@@ -28,7 +28,7 @@ from stages.lib.schema import SCORES, conform
 from stages.lib.truth import GroundTruth, check_time, name_agrees, snap
 
 #: Columns align reads; the rest of a partition (frame JPEGs above all) is never converted to Python.
-INPUT_COLUMNS = ("id", "task", "frames", "options", "answer", "answer_span", "key_frames", "gt",
+INPUT_COLUMNS = ("id", "task", "frames", "options", "answer", "answer_span", "key_frames", "ground_truth",
                  "response", "reasoning")
 
 
@@ -146,7 +146,7 @@ class AlignStage(Stage):
                    "answer_ok_at": float(self.config.get("answer_ok_at", 0.5))}
         # only what align reads is turned into Python: not the frame JPEGs, not the per-frame tracks
         times_only = pa.list_(pa.struct([("t_s", pa.float64())]))
-        view = table.select([c for c in INPUT_COLUMNS if c != "gt"])
+        view = table.select([c for c in INPUT_COLUMNS if c != "ground_truth"])
         view = view.set_column(view.schema.get_field_index("frames"), "frames", view.column("frames").cast(times_only))
         truths = GroundTruth.for_table(table, options["gt_tolerance_s"])
         scores, keep, rejections = [], [], []

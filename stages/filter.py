@@ -38,7 +38,7 @@ class Batch:
         self.source_ids: list[str | None] = table.column("source_id").to_pylist()
         self.tasks = np.array(table.column("task").to_pylist(), dtype=object)
         self.scores = table.column("scores").combine_chunks()
-        clip = table.column("clip").combine_chunks()
+        clip = table.column("clip_window").combine_chunks()
         self.clip_start = _floats(pc.struct_field(clip, "start_s"))
         self.clip_end = _floats(pc.struct_field(clip, "end_s"))
 

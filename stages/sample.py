@@ -33,7 +33,7 @@ from pipeline.registry import register_stage
 from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext, iter_records, record_error
 from stages.lib.geometry import has_positive_area, is_inside
 from stages.lib.media import DecodeError, Probe, decode, encode_jpeg, open_video, probe_video
-from stages.lib.schema import to_table
+from stages.lib.schema import frame_image, to_table
 
 
 @register_stage
@@ -106,9 +106,9 @@ class SampleStage(Stage):
             return [], rejections + [_for_record(r, rej.rejections[0]) for r in records]
         rows = []
         for record, (start, end), indices in plans:
-            frames = [{"t_s": round(float(probe.starts[i]), 6), "index": int(i), "jpeg": jpegs.get(int(i))}
+            frames = [{"t_s": round(float(probe.starts[i]), 6), "index": int(i), "image": frame_image(jpegs.get(int(i)))}
                       for i in indices.tolist()]
-            rows.append({**record, "media": probe.media(), "clip": {"start_s": start, "end_s": end}, "frames": frames})
+            rows.append({**record, "media": probe.media(), "clip_window": {"start_s": start, "end_s": end}, "frames": frames})
         return rows, rejections
 
     def _check_ground_truth(self, record: dict[str, Any], probe: Probe) -> None:
@@ -125,13 +125,13 @@ class SampleStage(Stage):
         for kf in record.get("key_frames") or []:
             times.append(("key_frames.t_s", kf["t_s"]))
             boxes += [(f"key_frames[{kf['t_s']}].{o['name']}", kf["t_s"], o["box"]) for o in kf.get("objects") or []]
-        gt = record.get("gt") or {}
+        gt = record.get("ground_truth") or {}
         for obj in gt.get("objects") or []:
             for point in obj.get("track") or []:
-                times.append((f"gt.objects.{obj['name']}.track.t_s", point["t_s"]))
-                boxes.append((f"gt.objects.{obj['name']}.track", point["t_s"], point["box"]))
+                times.append((f"ground_truth.objects.{obj['name']}.track.t_s", point["t_s"]))
+                boxes.append((f"ground_truth.objects.{obj['name']}.track", point["t_s"], point["box"]))
         for gspan in gt.get("spans") or []:
-            times += [(f"gt.spans.{gspan['label']}", gspan["start_s"]), (f"gt.spans.{gspan['label']}", gspan["end_s"])]
+            times += [(f"ground_truth.spans.{gspan['label']}", gspan["start_s"]), (f"ground_truth.spans.{gspan['label']}", gspan["end_s"])]
         problems: list[Rejection] = []
         if span and span[1] < span[0]:
             problems.append(Rejection(rid, "invalid_span", f"{uri}: record {label}: answer_span {list(span)} ends before it starts",
@@ -168,7 +168,7 @@ class SampleStage(Stage):
     def _choose(self, record: dict[str, Any], probe: Probe) -> tuple[tuple[float, float], np.ndarray]:
         """The clip window and the sorted frame indices: key frames first, then uniform at `fps`."""
         duration = probe.duration_s
-        bound = record.get("clip") or {}
+        bound = record.get("clip_window") or {}
         lo = max(0.0, float(bound.get("start_s") or 0.0))
         hi = min(duration, float(bound["end_s"])) if bound.get("end_s") is not None else duration
         key_times = np.array([kf["t_s"] for kf in record.get("key_frames") or []], dtype=np.float64)

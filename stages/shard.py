@@ -1,6 +1,10 @@
 """`shard`: the last stage. Split the filtered records into `stgr-cot` (SFT) and `stgr-rl` (RL),
 write Parquet shards, a `manifest.json` and a dataset card under `<run>/dataset/`.
 
+Why the card matters as much as the shards: it makes the folder a Hugging Face dataset (each set a
+config with a `train` split, frames decoded as images, a cache entry per build; `stages.lib.card`),
+and it says what a user must know before training: licence, columns, an example, counts, yield.
+
 Why a barrier: shard sizes, shard counts (`-of-000NN`) and the manifest's totals need every record,
 so this stage runs once on all upstream partitions. Why a stable hash of the id for the split: the
 same record lands in the same split on every rebuild and every machine, so an RL set never leaks into
@@ -31,12 +35,14 @@ import yaml
 from pipeline.registry import register_stage
 from pipeline.rundir import RunDir
 from pipeline.stage import LEDGER_SCHEMA, Rejection, Stage, StageReport, StageResult, UnitContext
-from stages.lib.dataset import SPLIT_DIRS, count_rows, ledger_counts, listing, read_ledger, unlisted_files
-from stages.lib.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, conform
+from stages.lib.card import dataset_card, parquet_metadata
+from stages.lib.dataset import count_rows, ledger_counts, listing, read_ledger, source_yield, unlisted_files
+from stages.lib.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, SETS, conform
 
 
 def split_of(ids: pa.Array | list[str], rl_fraction: float, salt: str = "") -> np.ndarray:
-    """`"rl"` or `"sft"` per id, from a 64-bit BLAKE2 hash of salt + id.
+    """The set per id, `"stgr-rl"` for an `rl_fraction` of them, else `"stgr-cot"`, from a 64-bit
+    BLAKE2 hash of salt + id.
 
     The hash depends on nothing but the id and the salt, so the assignment of a record never changes
     when other records are added or removed, or when partitioning changes.
@@ -49,7 +55,7 @@ def split_of(ids: pa.Array | list[str], rl_fraction: float, salt: str = "") -> n
     )
     threshold = np.uint64(min(int(rl_fraction * 2.0**64), 2**64 - 1)) if rl_fraction < 1.0 else None
     is_rl = np.ones(len(values), dtype=bool) if threshold is None else draws < threshold
-    return np.where(is_rl, "rl", "sft")
+    return np.where(is_rl, "stgr-rl", "stgr-cot")
 
 
 def _with_provenance(table: pa.Table, ctx: UnitContext) -> pa.Table:
@@ -86,10 +92,9 @@ def build_report(manifest: Mapping[str, Any], location: str, allow_empty: bool, 
     """
     rejected = sum(r["rows"] for r in manifest["ledger"])
     summary = [f"dataset {location}: {manifest['rows']} rows"]
-    for split, dirname in SPLIT_DIRS.items():
-        tasks = ", ".join(f"{c['task']} {c['rows']}" for c in manifest["counts"]["task"] if c["split"] == split)
-        summary.append(f"  {dirname} ({split}): {manifest['splits'][dirname]['rows']} rows"
-                       + (f" ({tasks})" if tasks else ""))
+    for name in SETS:
+        tasks = ", ".join(f"{c['task']} {c['rows']}" for c in manifest["counts"]["task"] if c["split"] == name)
+        summary.append(f"  {name}: {manifest['splits'][name]['rows']} rows" + (f" ({tasks})" if tasks else ""))
     summary.append(f"  ledger: {rejected} rows; top rules: {top_rules(manifest['ledger'], 5)}")
     failure = None
     if manifest["rows"] == 0 and not allow_empty:
@@ -99,71 +104,10 @@ def build_report(manifest: Mapping[str, Any], location: str, allow_empty: bool, 
 
 
 def _encode_parquet(table: pa.Table, compression: str) -> bytes:
+    """A shard's bytes, with the Hugging Face features in its schema metadata (see `parquet_metadata`)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table.replace_schema_metadata(parquet_metadata()), sink, compression=compression)
     return sink.getvalue().to_pybytes()
-
-
-def _markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    if not rows:
-        return "_none_\n"
-    cells = [[str(r.get(c, "")).replace("|", "\\|").replace("\n", " ") for c in columns] for r in rows]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines) + "\n"
-
-
-def dataset_card(manifest: Mapping[str, Any]) -> str:
-    """The dataset's README.md: Hugging Face card metadata (one config per split) and the manifest's
-    tables, so the card says what is inside without opening a shard."""
-    header = {
-        "configs": [
-            {"config_name": name, "data_files": [{"split": "train", "path": f"{name}/train-*.parquet"}]}
-            for name in SPLIT_DIRS.values()
-        ],
-        "task_categories": ["video-text-to-text"],
-        "tags": ["stgr", "video-reasoning", "spatio-temporal-grounding"],
-    }
-    splits = [{"dataset": name, "split": split, "rows": manifest["splits"][name]["rows"],
-               "shards": len(manifest["splits"][name]["shards"]),
-               "bytes": sum(s["bytes"] for s in manifest["splits"][name]["shards"])}
-              for split, name in SPLIT_DIRS.items()]
-    shards = [{"file": s["path"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"]}
-              for name in SPLIT_DIRS.values() for s in manifest["splits"][name]["shards"]]
-    return "\n".join([
-        "---",
-        yaml.safe_dump(header, sort_keys=False).rstrip(),
-        "---",
-        f"# STGR dataset `{manifest['build_id']}`",
-        "",
-        "Spatio-temporal grounded video reasoning examples: each row holds a question, a reasoning trace "
-        "whose claims name boxes (`[x1, y1, x2, y2]` normalised to the source frame) and times (seconds on "
-        "the source video's timeline), and an answer. Built by `stgr build`; every column is described in "
-        f"the project's `docs/schema.md` (schema version {manifest['schema_version']}).",
-        "",
-        "```python",
-        "import pandas as pd",
-        "sft = pd.read_parquet(\"stgr-cot\")   # or datasets.load_dataset(\"parquet\", data_dir=\"stgr-cot\")",
-        "```",
-        "",
-        "## Splits",
-        "",
-        _markdown_table(splits, ["dataset", "split", "rows", "shards", "bytes"]),
-        "## Rows per task",
-        "",
-        _markdown_table(manifest["counts"]["task"], ["split", "task", "rows"]),
-        "## Rows per source",
-        "",
-        _markdown_table(manifest["counts"]["source"], ["split", "source", "rows"]),
-        "## Rejected records (ledger)",
-        "",
-        "A record is listed once per rule it failed, so one record may count under several rules.",
-        "",
-        _markdown_table(manifest["ledger"], ["stage", "rule", "rows", "example"]),
-        "## Files",
-        "",
-        _markdown_table(shards, ["file", "rows", "bytes", "sha256"]),
-    ])
 
 
 def _read_run_config(fs: pafs.FileSystem, run_path: str) -> dict[str, Any] | None:
@@ -193,7 +137,7 @@ class ShardStage(Stage):
     version = "2"
     needs_all_input = True
     key_types = {"rl_fraction": (float, int), "salt": str, "target_shard_mb": (float, int),
-                 "compression": str, "output": str, "allow_empty": bool}
+                 "compression": str, "output": str, "allow_empty": bool, "license": str}
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
@@ -256,19 +200,19 @@ class ShardStage(Stage):
         target = float(self.config.get("target_shard_mb", 256)) * 2**20
         present = listing(run.fs, run.join(output))
         splits_info: dict[str, Any] = {}
-        for split, dirname in SPLIT_DIRS.items():
-            part = table.filter(pc.equal(table.column("split"), split))
+        for name in SETS:
+            part = table.filter(pc.equal(table.column("split"), name))
             n_shards = max(1, math.ceil(part.nbytes / target))
             bounds = np.linspace(0, part.num_rows, n_shards + 1).round().astype(int)
             shards = []
             for k in range(n_shards):
                 data = _encode_parquet(part.slice(bounds[k], bounds[k + 1] - bounds[k]), compression)
                 digest = hashlib.sha256(data).hexdigest()
-                rel = f"{dirname}/train-{k:05d}-of-{n_shards:05d}-{digest[:12]}.parquet"
+                rel = f"{name}/train-{k:05d}-of-{n_shards:05d}-{digest[:12]}.parquet"
                 if present.get(rel) != len(data):  # the same name holds the same bytes: nothing to write
                     run.write_atomic(f"{output}/{rel}", data)
                 shards.append({"path": rel, "rows": int(bounds[k + 1] - bounds[k]), "bytes": len(data), "sha256": digest})
-            splits_info[dirname] = {"split": split, "rows": part.num_rows, "shards": shards}
+            splits_info[name] = {"split": name, "rows": part.num_rows, "arrow_bytes": part.nbytes, "shards": shards}
         fingerprints = dict(getattr(ctx, "fingerprints", {}) or {})
         upstream = {s: f for s, f in fingerprints.items() if s != ctx.stage}
         ledger = pa.concat_tables([read_ledger(run.fs, run.path, upstream, verify_in=run), own_ledger])
@@ -282,6 +226,7 @@ class ShardStage(Stage):
             "splits": splits_info,
             "counts": {"task": count_rows(table, ["split", "task"]), "source": count_rows(table, ["split", "source"])},
             "ledger": ledger_counts(ledger),
+            "yield": source_yield(run.fs, run.path, _plan_nodes(run), table, ledger),
             "config": _read_run_config(run.fs, run.path) or {ctx.stage: self.config},
         }
         if not _in_plan(run, ctx):
@@ -289,7 +234,8 @@ class ShardStage(Stage):
             # dataset is the run's current plan's, so its shards are withdrawn and nothing is listed
             _remove_unlisted(run, output, _existing_manifest(run.fs, run.join(output)))
             return manifest
-        run.write_atomic(f"{output}/README.md", dataset_card(manifest).encode())
+        card = dataset_card(manifest, _example(table), self.config.get("license") or None)
+        run.write_atomic(f"{output}/README.md", card.encode())
         run.write_atomic(f"{output}/manifest.json", json.dumps(manifest, indent=2, sort_keys=False, default=str).encode())
         _remove_unlisted(run, output, manifest)
         return manifest
@@ -342,14 +288,26 @@ def dataset_problems(fs: pafs.FileSystem, directory: str, manifest: Mapping[str,
     return problems
 
 
-def _in_plan(run: RunDir, ctx: UnitContext) -> bool:
-    """Whether the run's plan.json names this unit's fingerprint for its node (true without a plan:
-    a stage run on its own, as in tests)."""
+def _plan_nodes(run: RunDir) -> dict[str, Any]:
+    """plan.json's nodes (none without a plan: a stage run on its own, as in tests)."""
     try:
-        plan = json.loads(run.read_text("plan.json"))
+        return dict(json.loads(run.read_text("plan.json")).get("nodes") or {})
     except (FileNotFoundError, ValueError):
-        return True
-    return (plan.get("nodes", {}).get(ctx.stage) or {}).get("fingerprint", ctx.fingerprint) == ctx.fingerprint
+        return {}
+
+
+def _in_plan(run: RunDir, ctx: UnitContext) -> bool:
+    """Whether the run's plan.json names this unit's fingerprint for its node (true without a plan)."""
+    return (_plan_nodes(run).get(ctx.stage) or {}).get("fingerprint", ctx.fingerprint) == ctx.fingerprint
+
+
+def _example(table: pa.Table) -> dict[str, Any] | None:
+    """The card's example: the first record (by id) of the first non-empty set."""
+    for name in SETS:
+        part = table.filter(pc.equal(table.column("split"), name))
+        if part.num_rows:
+            return part.slice(0, 1).to_pylist()[0]
+    return None
 
 
 def _remove_unlisted(run: RunDir, output: str, manifest: Mapping[str, Any] | None) -> None:

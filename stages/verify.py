@@ -37,7 +37,7 @@ CACHE_SUBDIR = "cache/verify"
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 #: Columns verify reads besides `scores`.
-INPUT_COLUMNS = ("id", "source_id", "media", "frames", "key_frames", "gt", "scores")
+INPUT_COLUMNS = ("id", "source_id", "media", "frames", "key_frames", "ground_truth", "scores")
 
 
 def read_yes_no(text: str) -> bool:

@@ -46,7 +46,7 @@ def kill_session(proc: subprocess.Popen) -> None:
 def commit_records(run: Path) -> dict[str, str]:
     """unit path -> commit record text, for every committed unit."""
     out = {}
-    for path in sorted((run / "stages").glob("*/*/part-*.json")):
+    for path in sorted((run / "stages").glob("*/*/_part-*.json")):
         if not path.name.endswith(".error.json"):
             out[str(path.relative_to(run))] = path.read_text()
     return out

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from stages.lib.schema import record_id
+from stages.lib.schema import frame_image, record_id
 
 WIDTH, HEIGHT, FPS, DURATION = 320, 240, 10.0, 6.0
 FRAME_TIMES = [round(0.5 * k, 3) for k in range(12)]  # 2 fps over 0..5.5 s
@@ -50,8 +50,8 @@ def make_record(n: int = 0, *, task: str = "spatio_temporal", source: str = "syn
         "task": task,
         "media": {"uri": f"/data/video{n:04d}.mp4", "kind": "video", "fps": FPS,
                   "num_frames": int(DURATION * FPS), "duration_s": DURATION, "width": WIDTH, "height": HEIGHT},
-        "clip": {"start_s": 0.0, "end_s": 5.5},
-        "frames": [{"t_s": t, "index": int(round(t * FPS)), "jpeg": jpeg(t) if with_jpeg else None}
+        "clip_window": {"start_s": 0.0, "end_s": 5.5},
+        "frames": [{"t_s": t, "index": int(round(t * FPS)), "image": frame_image(jpeg(t) if with_jpeg else None)}
                    for t in FRAME_TIMES],
         "question": "Where is the red circle when it passes the middle?",
         "options": None,
@@ -60,7 +60,7 @@ def make_record(n: int = 0, *, task: str = "spatio_temporal", source: str = "syn
         "reasoning": None,
         "key_frames": [{"t_s": 2.0, "objects": [{"name": "red circle", "box": circle_box(2.0)},
                                                 {"name": "blue square", "box": SQUARE_BOX}]}],
-        "gt": {"objects": [
+        "ground_truth": {"objects": [
             {"name": "red circle", "track": [{"t_s": t, "box": circle_box(t)} for t in track_times]},
             {"name": "blue square", "track": [{"t_s": t, "box": SQUARE_BOX} for t in track_times]},
         ], "spans": [{"label": "red circle moves", "start_s": 0.0, "end_s": 5.9}]},
@@ -71,6 +71,8 @@ def make_record(n: int = 0, *, task: str = "spatio_temporal", source: str = "syn
                        "build_id": None, "stage_fingerprints": None},
         "meta": None,
     }
+    unknown = sorted(set(overrides) - set(record))
+    assert not unknown, f"make_record: no column {unknown} in the record schema"  # to_table would drop it
     record.update(overrides)
     return record
 

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from stages.lib.dataset import SPLIT_DIRS
+from stages.lib.schema import SETS
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def dataset_rows(run: str | Path) -> dict[str, list[dict[str, Any]]]:
     fs, path = open_dir(run)
     manifest = read_json(run, "dataset/manifest.json")
     rows: dict[str, list[dict[str, Any]]] = {}
-    for name in SPLIT_DIRS.values():
+    for name in SETS:
         rows[name] = []
         for shard in manifest["splits"][name]["shards"]:
             with fs.open_input_file(posixpath.join(path, "dataset", shard["path"])) as f:

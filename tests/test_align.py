@@ -73,16 +73,16 @@ def test_names_break_ties_between_overlapping_objects():
     kf = [{"t_s": 1.0, "objects": [{"name": "dog", "box": [0.1, 0.1, 0.5, 0.5]},
                                    {"name": "cat", "box": [0.1, 0.1, 0.5, 0.52]}]}]
     think = "<obj>the cat</obj><box>[0.1,0.1,0.5,0.5]</box>at<t>1</t>s near <obj>a dog</obj><box>[0.1,0.1,0.5,0.52]</box>at<t>1</t>s"
-    s = align_record(make_record(gt=None, key_frames=kf, response=_response(think)))
+    s = align_record(make_record(ground_truth=None, key_frames=kf, response=_response(think)))
     assert [c["gt_name"] for c in s["claims"]] == ["cat", "dog"]
-    s = align_record(make_record(gt=None, key_frames=kf, response=_response(think)), name_weight=0.0)
+    s = align_record(make_record(ground_truth=None, key_frames=kf, response=_response(think)), name_weight=0.0)
     assert [c["gt_name"] for c in s["claims"]] == ["dog", "cat"]
     assert name_agrees("the big red circle", "red circle") and not name_agrees("circle", "red circle")
 
 
 def test_untimed_claims_are_checked_at_the_single_key_frame():
     think = f"The <obj>blue square</obj><box>{_box(SQUARE_BOX)}</box> is in the corner."
-    s = align_record(make_record(task="spatial", gt=None, response=_response(think, _box(SQUARE_BOX)),
+    s = align_record(make_record(task="spatial", ground_truth=None, response=_response(think, _box(SQUARE_BOX)),
                                  answer=f"<box>{_box(SQUARE_BOX)}</box>"))
     claim = s["claims"][0]
     assert claim["t_s"] is None and claim["gt_name"] == "blue square" and claim["iou"] == pytest.approx(1.0)
@@ -105,7 +105,7 @@ def test_option_answers_and_records_without_ground_truth():
         rec = make_record(task="temporal_mcq", options=opts, answer="B", response=_response(think, predicted))
         assert align_record(rec)["answer_score"] == score
     # no ground truth objects at all: claims cannot be checked, which is not the same as wrong
-    rec = make_record(task="general_free", gt=None, key_frames=None, answer=None, response=_response(think, "it moves"))
+    rec = make_record(task="general_free", ground_truth=None, key_frames=None, answer=None, response=_response(think, "it moves"))
     s = align_record(rec)
     assert s["claims"][0]["iou"] is None and s["num_matched"] == 0 and s["min_iou"] is None
     assert s["answer_score"] is None and s["answer_ok"] is None
@@ -143,9 +143,9 @@ def test_ground_truth_from_arrow_equals_from_python():
     from stages.lib.truth import GroundTruth
 
     shuffled = make_record(1)
-    shuffled["gt"]["objects"][0]["track"] = shuffled["gt"]["objects"][0]["track"][::-1]  # unsorted track
-    shuffled["gt"]["objects"].append({"name": "ghost", "track": []})
-    records = [make_record(0), shuffled, make_record(2, gt=None), make_record(3, key_frames=None)]
+    shuffled["ground_truth"]["objects"][0]["track"] = shuffled["ground_truth"]["objects"][0]["track"][::-1]  # unsorted track
+    shuffled["ground_truth"]["objects"].append({"name": "ghost", "track": []})
+    records = [make_record(0), shuffled, make_record(2, ground_truth=None), make_record(3, key_frames=None)]
     from_arrow = GroundTruth.for_table(to_table(records), 0.25)
     for record, fast in zip(records, from_arrow):
         slow = GroundTruth.from_record(record, 0.25)

@@ -23,7 +23,7 @@ from stages.lib import evidence
 from stages.lib.media import FrameReader
 from stages.lib.prompts import PromptSet, record_context
 from stages.lib.response_cache import ResponseCache
-from stages.lib.schema import TASKS, to_table
+from stages.lib.schema import TASKS, frame_image, to_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,9 +55,9 @@ def seed_record(rid: str, task: str, **columns) -> dict:
         "id": rid, "source": "synthetic", "source_id": f"video-{rid}", "task": task,
         "media": {"uri": "unused.mp4", "kind": "video", "fps": 10.0, "num_frames": 60, "duration_s": 6.0,
                   "width": 96, "height": 64},
-        "clip": {"start_s": 0.0, "end_s": 5.5},
-        "frames": [{"t_s": t, "index": int(t * 10), "jpeg": jpeg(i)} for i, t in enumerate(times)],
-        "gt": {"objects": [{"name": "red circle", "track": track}],
+        "clip_window": {"start_s": 0.0, "end_s": 5.5},
+        "frames": [{"t_s": t, "index": int(t * 10), "image": frame_image(jpeg(i))} for i, t in enumerate(times)],
+        "ground_truth": {"objects": [{"name": "red circle", "track": track}],
                "spans": [{"label": "the red circle crosses the frame", "start_s": 1.0, "end_s": 4.0}]},
     }
     record.update(columns)
@@ -151,7 +151,7 @@ def test_frames_are_decoded_from_the_video_when_not_embedded(tmp_path, fixtures_
 
     clip = fixtures_dir / "vidstg" / "5587257558.mp4"
     indices = [0, 45, 90, 300]
-    record = seed_record("v", "spatial", frames=[{"t_s": i / 29.97, "index": i, "jpeg": None} for i in indices],
+    record = seed_record("v", "spatial", frames=[{"t_s": i / 29.97, "index": i, "image": None} for i in indices],
                          media={"uri": str(clip), "kind": "video", "fps": 29.97, "num_frames": 540,
                                 "duration_s": 18.0, "width": 640, "height": 360})
     images = FrameReader(max_side=None, quality=95).images(record)
@@ -165,7 +165,7 @@ def test_frames_are_decoded_from_the_video_when_not_embedded(tmp_path, fixtures_
     small = FrameReader(max_side=160).images(record)
     assert Image.open(io.BytesIO(small[0].jpeg)).size == (160, 90)
 
-    beyond = dict(record, id="far", task="temporal", frames=[{"t_s": 9.0, "index": 9999, "jpeg": None}])
+    beyond = dict(record, id="far", task="temporal", frames=[{"t_s": 9.0, "index": 9999, "image": None}])
     result = AnnotateStage(annotator_config("template")).process(to_table([record, beyond]), unit_context(tmp_path))
     assert [r["id"] for r in result.table.to_pylist()] == ["v"]
     (rejection,) = result.rejections

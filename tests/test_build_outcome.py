@@ -15,6 +15,7 @@ from typing import Iterator
 import pandas as pd
 import pytest
 
+from stages.lib.schema import SETS
 from tests.engine_util import ledger_rows, node_rows, run_stgr
 
 # Every record fails format_valid (more than -1 problems) and every claimed box fails claim_iou.
@@ -79,10 +80,10 @@ def test_every_build_ends_with_a_summary(tmp_path: Path, small: list[str]) -> No
     lines = out.splitlines()
     start = lines.index(f"dataset {run}/dataset: {len(node_rows(run, 'filter'))} rows")
     expected = []
-    for split, dirname in (("sft", "stgr-cot"), ("rl", "stgr-rl")):
-        frame = pd.read_parquet(run / "dataset" / dirname)
+    for name in SETS:
+        frame = pd.read_parquet(run / "dataset" / name)
         tasks = ", ".join(f"{task} {n}" for task, n in sorted(Counter(frame["task"]).items()))
-        expected.append(f"  {dirname} ({split}): {len(frame)} rows ({tasks})")
+        expected.append(f"  {name}: {len(frame)} rows ({tasks})")
     top = top_rules(run, 5)
     general_mcq = sum(r["task"] == "general_mcq" for r in node_rows(run, "align"))
     assert general_mcq > 0 and top == [(("filter", "answer_agrees"), general_mcq)]

@@ -50,7 +50,7 @@ def test_open_o3_json_and_key_frames(run, tmp_path, capsys):
 def test_verl_parquet(run, tmp_path, capsys):
     path, fates = run
     out = tmp_path / "verl" / "rl.parquet"
-    assert main(["export", str(path / "dataset"), "--format", "verl", "--out", str(out), "--split", "rl"]) == 0
+    assert main(["export", str(path / "dataset"), "--format", "verl", "--out", str(out), "--split", "stgr-rl"]) == 0
     frame = pd.read_parquet(out)
     rl_ids = pd.read_parquet(path / "dataset" / "stgr-rl")["id"].tolist()
     assert sorted(e["id"] for e in frame["extra_info"]) == sorted(rl_ids)
@@ -125,7 +125,7 @@ def test_every_task_has_an_upstream_name_and_options_are_lettered():
     assert question_text(record) == "What happens?\nA. it stops\nB. it turns"
 
 
-def _every_task(split: str = "rl") -> list[dict]:
+def _every_task(split: str = "stgr-rl") -> list[dict]:
     """One record of each task, as a build leaves them (answers as the template annotator writes them)."""
     from tests.record_factory import make_record
 
@@ -267,10 +267,10 @@ def test_export_for_the_released_sft_script_leaves_out_temporal_mcq(tmp_path, ca
 
     from stages.lib.schema import to_table
 
-    pq.write_table(to_table(_every_task(split="sft")), tmp_path / "records.parquet")
+    pq.write_table(to_table(_every_task(split="stgr-cot")), tmp_path / "records.parquet")
     keep = [t for t in TASKS if t != "temporal_mcq"]
     out = tmp_path / "o3"
-    assert main(["export", str(tmp_path / "records.parquet"), "--format", "open-o3", "--split", "sft",
+    assert main(["export", str(tmp_path / "records.parquet"), "--format", "open-o3", "--split", "stgr-cot",
                  "--out", str(out), "--tasks", *keep]) == 0
     entries = json.loads((out / "STGR-SFT.json").read_text())
     assert sorted(e["stgr"]["task"] for e in entries) == sorted(r["task"] for r in _every_task() if r["task"] in keep)

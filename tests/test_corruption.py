@@ -20,6 +20,7 @@ from typing import Iterator
 
 import pytest
 
+from pipeline.rundir import Unit
 from tests.engine_util import build_cmd, run_stgr, stgr, wait_for_commits
 from tests.storage_util import assert_complete_dataset, dataset_rows, plan_fingerprint
 
@@ -77,7 +78,7 @@ def _uncommit_readers(run: Path, node: str, partition: int) -> None:
     for reader in _descendants(run, node):
         fp = plan_fingerprint(run, reader)
         barrier = json.loads((run / "plan.json").read_text())["nodes"][reader]["barrier"]
-        (run / "stages" / reader / fp / f"part-{0 if barrier else partition:05d}.json").unlink(missing_ok=True)
+        (run / Unit(reader, fp, 0 if barrier else partition).record).unlink(missing_ok=True)
 
 
 def test_damaged_stage_files_are_detected_and_recomputed(tmp_path: Path, reference: Path) -> None:

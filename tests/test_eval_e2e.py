@@ -86,8 +86,8 @@ def _stgr_records(videos: Path, scene) -> list[dict]:
     media = {"uri": str(videos / "syn0.mp4"), "kind": "video", "fps": scene.fps, "num_frames": scene.num_frames,
              "duration_s": scene.duration_s, "width": scene.width, "height": scene.height}
     key_frames = [{"t_s": scene.time(t_box), "objects": [{"name": obj.name, "box": box}]}]
-    common = {"source": "synthetic", "source_id": "syn0", "media": media, "clip": {"start_s": 0.0, "end_s": scene.duration_s},
-              "frames": frames, "key_frames": key_frames, "split": "rl", "reasoning": ""}
+    common = {"source": "synthetic", "source_id": "syn0", "media": media, "clip_window": {"start_s": 0.0, "end_s": scene.duration_s},
+              "frames": frames, "key_frames": key_frames, "split": "stgr-rl", "reasoning": ""}
     rows = [
         {"task": "general_mcq", "question": "How many shapes appear?", "options": ["A. 1", "B. 2", "C. 3"], "answer": "B"},
         {"task": "temporal", "question": f"When is the {obj.name} visible?", "answer": "[0, 2]", "answer_span": [0.0, 2.0]},

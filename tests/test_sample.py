@@ -47,7 +47,7 @@ def test_vidstg_frames_are_the_pixels_decord_gives_for_those_indices(fixtures_di
     fps = 30000 / 1001
     assert record["media"]["num_frames"] == 553 and record["media"]["fps"] == pytest.approx(fps)
     assert (record["media"]["width"], record["media"]["height"]) == (640, 480)
-    assert record["clip"] == {"start_s": pytest.approx(80 / fps, abs=1e-4), "end_s": pytest.approx(552 / fps, abs=1e-4)}
+    assert record["clip_window"] == {"start_s": pytest.approx(80 / fps, abs=1e-4), "end_s": pytest.approx(552 / fps, abs=1e-4)}
     indices = [f["index"] for f in record["frames"]]
     assert indices == sorted(set(indices)) and len(indices) <= 32
     key_indices = {round(kf["t_s"] * fps) for kf in record["key_frames"]}
@@ -57,7 +57,7 @@ def test_vidstg_frames_are_the_pixels_decord_gives_for_those_indices(fixtures_di
     assert [f["t_s"] for f in record["frames"]] == pytest.approx(stamps.tolist(), abs=1e-5)
     for frame in record["frames"][::4]:
         pixels = reader[frame["index"]].asnumpy()
-        assert frame["jpeg"] == encode_jpeg(pixels, SAMPLE["jpeg_max_side"], SAMPLE["jpeg_quality"]), \
+        assert frame["image"]["bytes"] == encode_jpeg(pixels, SAMPLE["jpeg_max_side"], SAMPLE["jpeg_quality"]), \
             f"frame {frame['index']} differs from decord's"
     uniform = [f["t_s"] for f in record["frames"] if f["index"] not in key_indices]
     spacing = (552 - 80) / fps / (32 - 3)  # 2 fps would want 32 frames; the cap leaves 29 beside the key frames
@@ -136,7 +136,7 @@ def test_long_video_gets_a_window_around_the_evidence(tmp_path: Path) -> None:
     assert result.rejections == []
     starts = []
     for record in result.table.to_pylist():
-        clip = record["clip"]
+        clip = record["clip_window"]
         assert clip["end_s"] - clip["start_s"] == pytest.approx(4.0)
         assert clip["start_s"] <= 4.5 and clip["end_s"] >= 6.5
         assert 55 in [f["index"] for f in record["frames"]]
@@ -170,7 +170,7 @@ def test_variable_frame_rate_uses_decoder_timestamps(tmp_path: Path) -> None:
     by_index = {f["index"]: f["t_s"] for f in row["frames"]}
     assert by_index[7] == pytest.approx(2.0)  # index / average fps would say 7 / 4.8 = 1.46 s
     assert all(by_index[i] == pytest.approx(pts_ms[i] / 1000) for i in by_index)
-    assert all(f["jpeg"] is None for f in row["frames"])
+    assert all(f["image"] is None for f in row["frames"])
 
 
 def test_sample_config_is_validated() -> None:
@@ -187,5 +187,5 @@ def test_jpeg_frames_open_and_keep_the_aspect(tmp_path: Path) -> None:
     result = SampleStage({**SAMPLE, "jpeg_max_side": 32}).process(to_table([record]), unit_context(tmp_path, stage="sample"))
     (row,) = result.table.to_pylist()
     assert len(row["frames"]) == 4  # 2 s at 2 fps
-    image = Image.open(io.BytesIO(row["frames"][1]["jpeg"]))
+    image = Image.open(io.BytesIO(row["frames"][1]["image"]["bytes"]))
     assert image.size == (32, 16)

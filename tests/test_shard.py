@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.stage import LEDGER_SCHEMA, Rejection
 from pipeline.testing import unit_context
-from stages.lib.schema import RECORD_SCHEMA, SCHEMA_VERSION, to_table
+from stages.lib.schema import RECORD_SCHEMA, SCHEMA_VERSION, SETS, to_table
 from stages.shard import ShardStage, split_of
 from tests.record_factory import make_record
 
@@ -43,11 +43,11 @@ def _write_ledger(run: Path, stage: str, fingerprint: str, rows: list[Rejection]
 def test_split_is_a_stable_function_of_the_id():
     ids = [f"id{i:05d}" for i in range(4000)]
     split = split_of(ids, 0.3)
-    assert 0.27 < (split == "rl").mean() < 0.33
+    assert 0.27 < (split == "stgr-rl").mean() < 0.33
     # adding or removing other records never moves a record
     assert list(split_of(ids[:50], 0.3)) == list(split[:50])
     assert list(split_of(ids[::-1], 0.3)) == list(split[::-1])
-    assert set(split_of(ids, 0.0)) == {"sft"} and set(split_of(ids, 1.0)) == {"rl"}
+    assert set(split_of(ids, 0.0)) == {"stgr-cot"} and set(split_of(ids, 1.0)) == {"stgr-rl"}
     assert (split_of(ids, 0.3, salt="other") != split).any()
 
 
@@ -67,7 +67,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
 
     out = result.table
     assert out.schema == RECORD_SCHEMA
-    assert out.num_rows == 40 and set(out.column("split").to_pylist()) == {"sft", "rl"}
+    assert out.num_rows == 40 and set(out.column("split").to_pylist()) == {"stgr-cot", "stgr-rl"}
     assert out.column("id").to_pylist() == sorted(table.column("id").to_pylist())
     prov = out.column("provenance").to_pylist()
     assert all({f["stage"]: f["fingerprint"] for f in p["stage_fingerprints"]} == FINGERPRINTS for p in prov)
@@ -77,7 +77,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["rows"] == 40
     total = 0
-    for name, split in [("stgr-cot", "sft"), ("stgr-rl", "rl")]:
+    for name in SETS:
         info = manifest["splits"][name]
         files = sorted(p.name for p in (dataset / name).iterdir())
         n = len(info["shards"])
@@ -89,7 +89,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
             assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
         frame = pd.read_parquet(dataset / name)
         assert len(frame) == info["rows"] == sum(s["rows"] for s in info["shards"])
-        assert set(frame["split"]) == {split}
+        assert set(frame["split"]) == {name}
         assert frame["frames"].iloc[0][0]["t_s"] == 0.0  # nested columns come back as plain values
         total += len(frame)
     assert total == 40
@@ -101,7 +101,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
     assert ledger == {("filter", "claim_iou"): 2, ("filter", "time_in_clip"): 1, ("sample", "unreadable"): 1}
 
     card = (dataset / "README.md").read_text()
-    assert card.startswith("---\nconfigs:")
+    assert card.startswith("---\n")
     assert "| filter | claim_iou | 2 |" in card and "moov atom not found" in card
     assert not [p for p in run.iterdir() if p.name.startswith(".dataset")], "temporary folders left behind"
 
@@ -113,7 +113,7 @@ def test_loads_with_datasets(tmp_path):
     cot = datasets.load_dataset("parquet", data_dir=str(run / "dataset" / "stgr-cot"), split="train",
                                 cache_dir=str(tmp_path / "hf"))
     rl = datasets.load_dataset(str(run / "dataset"), "stgr-rl", split="train", cache_dir=str(tmp_path / "hf"))
-    assert len(cot) + len(rl) == 12 and set(rl["split"]) == {"rl"}
+    assert len(cot) + len(rl) == 12 and set(rl["split"]) == {"stgr-rl"}
     assert cot[0]["key_frames"][0]["objects"][0]["name"] in {"red circle", "blue square"}
 
 

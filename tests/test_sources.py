@@ -56,7 +56,7 @@ def test_vidstg_record_5804131706_span_in_seconds(fixtures_dir: Path, tmp_path: 
         # temporal_gt frames 104..389 (end exclusive) at 29.97 fps -> [3.470, 12.980] s, to one frame
         assert abs(start - 3.470) < 1 / fps and abs(end - 12.980) < 1 / fps
         assert start == pytest.approx(104 / fps, abs=1e-6) and end == pytest.approx(389 / fps, abs=1e-6)
-        assert record["clip"] == {"start_s": pytest.approx(80 / fps, abs=1e-6), "end_s": pytest.approx(552 / fps, abs=1e-6)}
+        assert record["clip_window"] == {"start_s": pytest.approx(80 / fps, abs=1e-6), "end_s": pytest.approx(552 / fps, abs=1e-6)}
         assert record["media"]["uri"] == str(fixtures_dir / "vidstg" / "5804131706.mp4")
         assert record["media"]["num_frames"] == 553 and record["media"]["width"] == 640
         # no trajectory files: the ground truth is temporal only, so is the record
@@ -85,8 +85,8 @@ def test_vidstg_trajectories_give_track_and_key_frames(fixtures_dir: Path, tmp_p
     (trajectories / "5804131706.json").write_text(json.dumps({"video_id": "5804131706", "trajectories": frames}))
     _, result = build(vidstg_config(fixtures_dir, trajectories_dir=str(tmp_path / "vidor")), tmp_path)
     record = next(r for r in result.table.to_pylist() if r["source_id"] == "5804131706#0")
-    track = record["gt"]["objects"][0]["track"]
-    assert record["gt"]["objects"][0]["name"] == "adult"
+    track = record["ground_truth"]["objects"][0]["track"]
+    assert record["ground_truth"]["objects"][0]["name"] == "adult"
     assert len(track) == 389 - 104
     assert track[0]["box"] == pytest.approx([0.1, 0.1, 0.5, 1.0])
     assert [kf["t_s"] for kf in record["key_frames"]] == [track[0]["t_s"], track[len(track) // 2]["t_s"], track[-1]["t_s"]]
@@ -104,13 +104,13 @@ def test_hcstvg_boxes_are_converted_from_xywh_pixels(fixtures_dir: Path, tmp_pat
     fps = entry["img_num"] / 20
     assert record["media"]["fps"] == pytest.approx(30.0)
     assert record["answer_span"] == pytest.approx([entry["st_time"], entry["ed_time"]], abs=1e-6)
-    track = record["gt"]["objects"][0]["track"]
+    track = record["ground_truth"]["objects"][0]["track"]
     assert len(track) == len(entry["bbox"]) == 93
     assert track[0]["t_s"] == pytest.approx((entry["st_frame"] - 1) / fps)
     x, y, w, h = entry["bbox"][0]
     assert track[0]["box"] == pytest.approx([x / 480, y / 360, (x + w) / 480, (y + h) / 360], abs=1e-6)
     # the first video's boxes read as xyxy would have x2 < x1; as xywh every box has positive area
-    boxes = np.array([p["box"] for p in rows["14_wfEOx36N4jA.mp4"]["gt"]["objects"][0]["track"]])
+    boxes = np.array([p["box"] for p in rows["14_wfEOx36N4jA.mp4"]["ground_truth"]["objects"][0]["track"]])
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
 
 
@@ -125,7 +125,7 @@ def test_hcstvg_v2_key_names(tmp_path: Path) -> None:
     assert record["media"]["width"] == 640 and record["media"]["height"] == 360
     assert record["answer_span"] == pytest.approx([1.0, 1.1])  # frames 21..22 (1-based, inclusive) at 20 fps
     expected = pixels_to_normalised(xywh_to_xyxy([10, 20, 30, 40]), 640, 360)[0]
-    assert record["gt"]["objects"][0]["track"][0]["box"] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert record["ground_truth"]["objects"][0]["track"][0]["box"] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 # -- bad input: the file vs one entry ----------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_synthetic_records_are_exact_and_deterministic(tmp_path: Path) -> None:
     centre = frame[(y1 + y2) // 2, (x1 + x2) // 2]
     background = frame[0:2, 0:2].reshape(-1, 3).mean(axis=0) if (x1 > 3 or y1 > 3) else frame[-2:, -2:].reshape(-1, 3).mean(axis=0)
     assert np.abs(centre - background).max() > 60
-    track = next(o for o in record["gt"]["objects"] if o["name"] == obj["name"])["track"]
+    track = next(o for o in record["ground_truth"]["objects"] if o["name"] == obj["name"])["track"]
     assert next(p["box"] for p in track if p["t_s"] == kf["t_s"]) == obj["box"]
 
 
@@ -214,12 +214,12 @@ def test_synthetic_answers_agree_with_the_ground_truth(tmp_path: Path) -> None:
     rows = result.table.to_pylist()
     assert len(rows) >= 8 * 4
     for record in rows:
-        spans = {(s["start_s"], s["end_s"]) for s in record["gt"]["spans"]}
+        spans = {(s["start_s"], s["end_s"]) for s in record["ground_truth"]["spans"]}
         if record["task"] in ("spatio_temporal", "temporal", "temporal_mcq"):
             start, end = record["answer_span"]
             assert start < end
             stop = (start, end) in spans
-            visible = any(o["track"][0]["t_s"] == start for o in record["gt"]["objects"])
+            visible = any(o["track"][0]["t_s"] == start for o in record["ground_truth"]["objects"])
             assert stop or visible, record["question"]
         if record["task"] in ("spatio_temporal", "temporal"):
             assert json.loads(record["answer"]) == pytest.approx(record["answer_span"], abs=0.01)
@@ -235,7 +235,7 @@ def test_synthetic_answers_agree_with_the_ground_truth(tmp_path: Path) -> None:
 def _owner(record: dict, name: str) -> dict:
     """The ground-truth object a key-frame name refers to: a key frame names an object as it looks
     there ("blue circle that was yellow"), the track keeps its identity ("yellow circle")."""
-    (owner,) = [o for o in record["gt"]["objects"] if o["name"] == name or name_agrees(name, o["name"])]
+    (owner,) = [o for o in record["ground_truth"]["objects"] if o["name"] == name or name_agrees(name, o["name"])]
     return owner
 
 
@@ -243,7 +243,7 @@ def test_synthetic_ground_truth_lists_the_subject_first(tmp_path: Path) -> None:
     _, result = build(SYNTHETIC, tmp_path)
     for record in result.table.to_pylist():
         named = [_owner(record, o["name"])["name"] for kf in record["key_frames"] for o in kf["objects"]]
-        assert record["gt"]["objects"][0]["name"] == named[0]
-        first = record["gt"]["spans"][0]
+        assert record["ground_truth"]["objects"][0]["name"] == named[0]
+        first = record["ground_truth"]["spans"][0]
         if record["task"] in ("spatio_temporal", "temporal", "temporal_mcq"):
             assert [first["start_s"], first["end_s"]] == record["answer_span"] and named[0] in first["label"]

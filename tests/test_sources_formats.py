@@ -31,7 +31,7 @@ def test_charades_sta(tmp_path: Path) -> None:
     (record,) = rows
     assert record["task"] == "temporal" and record["answer_span"] == [24.3, 30.4]
     assert record["source_id"] == "3MSZA#1" and record["media"]["uri"] == str(tmp_path / "Charades_v1_480" / "3MSZA.mp4")
-    assert record["gt"]["spans"][0]["label"] == "person turn a light on."
+    assert record["ground_truth"]["spans"][0]["label"] == "person turn a light on."
     assert [(r.rule, r.record) for r in rejected] == [("malformed_record", "line 2"), ("malformed_record", "line 4")]
     assert "0 <= start < end" in rejected[0].reason and "##" in rejected[1].reason
     wrong = tmp_path / "wrong.txt"
@@ -106,7 +106,7 @@ def test_stgr_json_tasks_answers_and_boxes(tmp_path: Path) -> None:
     assert st["key_frames"] == [{"t_s": 2.5, "objects": [{"name": "cup", "box": [0.1, 0.2, 0.3, 0.4]}]},
                                 {"t_s": 4.0, "objects": [{"name": "cup", "box": [0.2, 0.2, 0.4, 0.4]},
                                                           {"name": "man", "box": [0.5, 0.1, 0.9, 1.0]}]}]
-    assert [o["name"] for o in st["gt"]["objects"]] == ["cup", "man"] and st["reasoning"].startswith("The <obj>cup")
+    assert [o["name"] for o in st["ground_truth"]["objects"]] == ["cup", "man"] and st["reasoning"].startswith("The <obj>cup")
     assert st["answer"] == "A cup." and st["answer_span"] is None and json.loads(st["meta"])["source"] == "STR_plm_rdcap"
     assert tg["answer"] == "[3.2, 5.0]" and tg["answer_span"] == [3.2, 5.0]
     # the released answer kept whole: the letter and the span are both ground truth (both are scored)
@@ -170,7 +170,7 @@ def test_jsonl_generic(tmp_path: Path) -> None:
     (record,) = rows
     assert record["source_id"] == "a-1" and record["media"]["uri"] == str(tmp_path / "clips" / "a.mp4")
     assert record["key_frames"][0]["objects"][0]["box"] == [0.41, 0.52, 0.48, 0.63]
-    assert record["gt"]["spans"][0]["label"] == "the man picks up the cup" and json.loads(record["meta"])["k"] == 1
+    assert record["ground_truth"]["spans"][0]["label"] == "the man picks up the cup" and json.loads(record["meta"])["k"] == 1
     assert [r.record for r in rejected] == ["line 2", "line 3", "line 4"]
     assert "unknown task 'dance'" in rejected[0].reason
     assert "field 'answer_spam'" in rejected[1].reason and "not valid JSON" in rejected[2].reason

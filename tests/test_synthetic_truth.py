@@ -152,7 +152,7 @@ def check_trace(world: World, record: dict, stats: Counter) -> None:
     assert trace.ok, trace.problems
     frames = {round(f["t_s"], 6): f["index"] for f in record["frames"]}
     times = np.array(sorted(frames))
-    clip = record["clip"]
+    clip = record["clip_window"]
     for t in trace.times:
         assert clip["start_s"] <= t <= clip["end_s"], (t, clip)
     for sentence in _sentences(evidence.split_sections(response).think):

@@ -79,11 +79,11 @@ def test_vidstg_fixture_template_traces_are_never_rejected(fixtures_dir: Path, t
     rows, rejections = _judge(config, _sampled(config, tmp_path), tmp_path)
     assert len(rows) == 26
     assert not {r.rule for r in rejections} & SELF_INFLICTED, [r.reason for r in rejections]
-    at_clip_end = [r for r in rows if r["answer_span"][1] == pytest.approx(r["clip"]["end_s"])]
+    at_clip_end = [r for r in rows if r["answer_span"][1] == pytest.approx(r["clip_window"]["end_s"])]
     assert at_clip_end, "the fixture has spans that end at the clip's end (18.018 s)"
     for row in rows:
         trace = evidence.parse_trace(row["response"])
-        assert all(row["clip"]["start_s"] <= t <= row["clip"]["end_s"] for t in trace.times), (row["clip"], trace.times)
+        assert all(row["clip_window"]["start_s"] <= t <= row["clip_window"]["end_s"] for t in trace.times), (row["clip_window"], trace.times)
         assert row["scores"]["answer_score"] == pytest.approx(1.0), (row["answer"], row["response"])
         assert ".." not in row["response"]
 
@@ -100,9 +100,9 @@ def _record(rid: str, task: str, fixtures_dir: Path, **columns: Any) -> dict[str
         "id": rid, "source": "test", "source_id": f"5587257558#{rid}", "task": task,
         "media": {"uri": str(fixtures_dir / "vidstg" / "5587257558.mp4"), "kind": "video", "fps": FPS,
                   "num_frames": 540, "duration_s": 18.018, "width": 640, "height": 360},
-        "clip": CLIP,
+        "clip_window": CLIP,
         "frames": [{"t_s": t, "index": min(539, round(t * FPS))} for t in TIMES],
-        "gt": {"objects": [{"name": "adult", "track": [{"t_s": t, "box": box(t)} for t in TIMES]}],
+        "ground_truth": {"objects": [{"name": "adult", "track": [{"t_s": t, "box": box(t)} for t in TIMES]}],
                "spans": [{"label": "an adult uses a camera", "start_s": 15.2152, "end_s": 18.018}]},
         "key_frames": [{"t_s": t, "objects": [{"name": "adult", "box": box(t)}]} for t in (TIMES[0], TIMES[6], TIMES[-1])],
     }
@@ -175,7 +175,7 @@ def test_time_check_allows_exactly_the_rounding_of_the_written_digits(tmp_path: 
     for rid, t in (("end-rounded", "18.02"), ("past-end", "18.03"), ("start-rounded", "11.51")):
         response = (f"<think>I can see <obj>adult</obj><box>[0.2,0.3,0.4,0.7]</box>at<t>{t}</t>s.</think>"
                     "<answer>an adult</answer>")
-        records.append({"id": rid, "task": "general_free", "clip": CLIP, "frames": [{"t_s": 18.018}],
+        records.append({"id": rid, "task": "general_free", "clip_window": CLIP, "frames": [{"t_s": 18.018}],
                         "answer": "an adult", "response": response})
     table = get_stage("align")(_config()["align"]).process(to_table(records), unit_context(tmp_path)).table
     outcome = TimeInClip(0.0).check(Batch(table))

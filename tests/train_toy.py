@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from stages.lib.evidence import Claim, render_claim
 from stages.lib.geometry import CANONICAL
-from stages.lib.schema import record_id, to_table
+from stages.lib.schema import SETS, frame_image, record_id, to_table
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
 WIDTH, HEIGHT = 160, 120
@@ -56,8 +56,8 @@ def toy_record(i: int, task: str, rng: random.Random) -> dict:
         "id": record_id("toy", f"video{i}", task), "source": "toy", "source_id": f"video{i}", "task": task,
         "media": {"uri": "", "kind": "video", "fps": 2.0, "num_frames": 5, "duration_s": 2.5,
                   "width": WIDTH, "height": HEIGHT},
-        "clip": {"start_s": 0.0, "end_s": 2.5},
-        "frames": [{"t_s": t, "index": k + 1, "jpeg": _frame(colour, b)} for k, (t, b) in enumerate(zip(times, boxes))],
+        "clip_window": {"start_s": 0.0, "end_s": 2.5},
+        "frames": [{"t_s": t, "index": k + 1, "image": frame_image(_frame(colour, b))} for k, (t, b) in enumerate(zip(times, boxes))],
         "question": question, "options": options, "answer": answer, "answer_span": span, "reasoning": reasoning,
         "key_frames": [{"t_s": times[key], "objects": [{"name": name, "box": boxes[key]}]}],
     }
@@ -68,8 +68,8 @@ def write_toy_dataset(root: Path, n: int = 8, tasks: tuple[str, ...] = ("general
     """Write `root/dataset/{stgr-cot,stgr-rl}/train-00000-of-00001.parquet` (the same n records in both)."""
     rng = random.Random(seed)
     rows = [toy_record(i, tasks[i % len(tasks)], rng) for i in range(n)]
-    for split, folder in (("sft", "stgr-cot"), ("rl", "stgr-rl")):
-        out = root / "dataset" / folder
+    for name in SETS:
+        out = root / "dataset" / name
         out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(to_table([{**r, "split": split} for r in rows]), out / "train-00000-of-00001.parquet")
+        pq.write_table(to_table([{**r, "split": name} for r in rows]), out / "train-00000-of-00001.parquet")
     return root

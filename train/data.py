@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from stages.lib.media import FrameReader
 from stages.lib.render import RENDER_VERSION, FramePolicy, RenderError, RenderedExample, render_example
-from stages.lib.schema import TASKS
+from stages.lib.schema import TASKS, upgrade
 
 log = logging.getLogger("stgr.train.data")
 
@@ -69,7 +69,7 @@ def load_records(
             raise InputError(f"data.tasks: unknown task(s) {unknown}; known: {list(TASKS)}")
     records = []
     for path in shard_files(data_dir, split):
-        table = pq.read_table(path)
+        table = upgrade(pq.read_table(path))  # a dataset of schema 1.x reads as this schema's names
         missing = [c for c in REQUIRED if c not in table.column_names]
         if missing:
             raise InputError(f"{path}: missing column(s) {missing}")

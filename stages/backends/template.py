@@ -239,7 +239,7 @@ def write_response(context: Mapping[str, Any], max_cites: int = 3) -> str:
     task, rid, kind = context["task"], str(context.get("id")), context["answer_kind"]
     answer = context.get("answer")
     if answer is None:
-        raise RequestFailed(f"record {rid}: no ground-truth answer (field 'answer' is empty and 'gt' does not "
+        raise RequestFailed(f"record {rid}: no ground-truth answer (field 'answer' is empty and 'ground_truth' does not "
                             f"determine a {task} answer); the template annotator only restates the truth")
     rng = record_rng(rid, "response")
     evidence = context.get("evidence") or []

@@ -19,8 +19,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from pipeline.errors import InputError
-from stages.lib.dataset import SPLIT_DIRS, read_ledger
-from stages.lib.schema import RECORD_SCHEMA, conform
+from stages.lib.dataset import read_ledger
+from stages.lib.schema import RECORD_SCHEMA, SETS, conform
 
 
 @dataclass
@@ -126,7 +126,7 @@ def locate(uri: str) -> Located:
     if _kind(fs, posixpath.join(path, "manifest.json")) == pafs.FileType.File:
         return _dataset(uri, fs, path)
     parent = posixpath.dirname(path)
-    if posixpath.basename(path) in SPLIT_DIRS.values() and _kind(fs, posixpath.join(parent, "manifest.json")) == pafs.FileType.File:
+    if posixpath.basename(path) in SETS and _kind(fs, posixpath.join(parent, "manifest.json")) == pafs.FileType.File:
         located = _dataset(uri, fs, parent, [posixpath.basename(path)])
         located.kind, located.label = "split", f"{posixpath.basename(path)} of {located.label}"
         return located

@@ -1,7 +1,7 @@
 """`stgr export PATH --format open-o3|verl --out OUT`: STGR records in formats other tools read.
 
-- `open-o3`: the JSON of the released Open-o3 Video STGR sets (`STGR-SFT.json` for the sft split,
-  `STGR-RL.json` for rl, `STGR.json` for records without a split) in the folder OUT, with every key
+- `open-o3`: the JSON of the released Open-o3 Video STGR sets (`STGR-SFT.json` for the stgr-cot set,
+  `STGR-RL.json` for stgr-rl, `STGR.json` for records without a set) in the folder OUT, with every key
   frame written as a JPEG under `OUT/kfs/<id>/<k>.jpg`, trainable by the released SFT and RL scripts.
   Each entry: `id`, `task` (upstream task names, see OPEN_O3_TASKS), `source` (the name that routes
   the entry to the right branch of the released trainers, see OPEN_O3_SOURCES), `video_path`,
@@ -23,7 +23,7 @@
   A record whose boxes cannot be written in the model's frame is left out with a warning, as in
   training.
 
-PATH is anything `stgr inspect` takes; `--split` keeps one split, `--tasks` only the tasks named (the
+PATH is anything `stgr inspect` takes; `--split` keeps one set, `--tasks` only the tasks named (the
 released SFT script has no `temporal QA (MCQ)` branch and raises on such entries: export its file
 without `temporal_mcq`).
 """
@@ -49,7 +49,7 @@ from stages.lib import evidence
 from stages.lib.chat import LabelledImage, content_text
 from stages.lib.media import FrameReader, jpeg_bytes, time_order
 from stages.lib.render import FramePolicy, RenderError, render_example
-from stages.lib.schema import TASKS
+from stages.lib.schema import LEGACY_SETS, SETS, TASKS
 
 OPEN_O3_TASKS: dict[str, str] = {
     "spatio_temporal": "temporal-spatial free-form QA",
@@ -76,7 +76,7 @@ spatio-temporal task it also reads key frames from the STR root (the STR_plm roo
 uses for the same task: STR (stgr/temporal_grounding videos and kfs), TVG (tvg_r1), videor1. An
 absolute `video_path` is used as it is by both (`os.path.join` drops the root)."""
 
-OPEN_O3_FILES = {"sft": "STGR-SFT.json", "rl": "STGR-RL.json", None: "STGR.json"}
+OPEN_O3_FILES = {"stgr-cot": "STGR-SFT.json", "stgr-rl": "STGR-RL.json", None: "STGR.json"}
 
 VERL_SCHEMA = pa.schema([
     ("data_source", pa.string()),
@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="run directory, dataset/, split folder, stage output folder or Parquet file")
     p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="output format")
     p.add_argument("--out", required=True, help="open-o3: output folder; verl: output .parquet file")
-    p.add_argument("--split", choices=["sft", "rl"], default=None, help="export only this split")
+    p.add_argument("--split", choices=SETS, default=None, help="export only this set")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
                    help=f"export only records of these tasks ({', '.join(TASKS)})")
     p.add_argument("--train", nargs="+", default=[], metavar="OVERRIDE",
@@ -271,7 +271,8 @@ def handler(args: argparse.Namespace) -> int:
     if args.train and args.format != "verl":
         raise ConfigError(f"--train {' '.join(args.train)}: only --format verl renders prompts from the training config")
     located = locate(args.path)
-    conditions = ([pc.field("split") == args.split] if args.split else []) + \
+    legacy = [old for old, new in LEGACY_SETS.items() if new == args.split]  # a schema 1.x dataset's value
+    conditions = ([pc.field("split").isin([args.split, *legacy])] if args.split else []) + \
         ([pc.field("task").isin(args.tasks)] if args.tasks else [])
     where = functools.reduce(operator.and_, conditions) if conditions else None
     records = located.iter_records(where)

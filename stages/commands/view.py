@@ -47,7 +47,7 @@ from pipeline.errors import UserError
 from stages.commands._records import Located, locate
 from stages.commands.inspect import summarise
 from stages.commands.show import GT_COLOUR, chosen_frames, draw_frame, iou_colour
-from stages.lib.dataset import SPLIT_DIRS, read_ledger
+from stages.lib.dataset import read_ledger
 from stages.lib.media import FrameReader
 
 #: File whose presence marks a folder as written by `stgr view`, so that a rewrite may clear it.
@@ -197,12 +197,12 @@ def record_view(record: Mapping[str, Any], images: list[dict[str, Any]], note: s
     """What the page shows of one record, as plain values for the template."""
     scores = record.get("scores") or {}
     claims = list(scores.get("claims") or [])
-    clip = record.get("clip") or {}
+    clip = record.get("clip_window") or {}
     span = record.get("answer_span")
     sampled = sorted(float(f["t_s"]) for f in record.get("frames") or [] if f.get("t_s") is not None)
     split = record.get("split")
     return {
-        "id": str(record.get("id")), "split": split or "", "split_label": SPLIT_DIRS.get(split or "", split or "-"),
+        "id": str(record.get("id")), "split": split or "", "split_label": split or "-",
         "task": record.get("task") or "", "source": record.get("source") or "",
         "source_id": record.get("source_id") or "", "question": record.get("question") or "",
         "options": list(record.get("options") or []), "answer": record.get("answer") or "",
@@ -339,8 +339,7 @@ def render_page(context: Mapping[str, Any]) -> str:
     records = context["records"]
     filters = {key: sorted({r[key] for r in records if r[key]}) for key in ("split", "task", "source")}
     return env.get_template("view.html.jinja").render(
-        **context, script=script, script_hash=f"sha256-{digest}", filters=filters, legend=legend(),
-        split_dirs=SPLIT_DIRS)
+        **context, script=script, script_hash=f"sha256-{digest}", filters=filters, legend=legend())
 
 
 def _favicon() -> bytes:

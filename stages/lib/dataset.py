@@ -1,24 +1,24 @@
 """The published dataset's layout and what a run directory says about it, for every reader.
 
-`shard` writes the dataset (`<run>/dataset/<split dir>/`, `manifest.json`, the card); `stgr
+`shard` writes the dataset (`<run>/dataset/<set>/`, `manifest.json`, the card); `stgr
 inspect`, `show`, `view` and `export` read it back, with the ledger rows of the units that built it.
-The names of the split folders, how rows and rejections are counted, and which files of a dataset
-folder a manifest does not list are defined here once, so the writer and the readers cannot drift.
+The sets' folders (`stages.lib.schema.SETS`: one name for the folder, the `datasets` config and the
+`split` value), how rows and rejections are counted, and which files of a dataset folder a manifest
+does not list are defined here once, so the writer and the readers cannot drift.
 """
 from __future__ import annotations
 
 import posixpath
+from collections import Counter
 from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline.rundir import RunDir, Unit, is_committed, ledger_dir, read_verified_table
 from pipeline.stage import LEDGER_SCHEMA
-
-#: Split value in the `split` column -> dataset sub-directory (the names of the released STGR sets).
-SPLIT_DIRS: dict[str, str] = {"sft": "stgr-cot", "rl": "stgr-rl"}
 
 
 def count_rows(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:
@@ -84,3 +84,48 @@ def unlisted_files(files: Mapping[str, int], manifest: Mapping[str, Any] | None)
     not list; hidden names (temporary files) are not a reader's concern."""
     listed = {s["path"] for info in (manifest or {}).get("splits", {}).values() for s in info.get("shards", [])}
     return sorted(rel for rel in files if "/" in rel and not _hidden(rel) and rel not in listed)
+
+
+def _seed_sources(fs: pafs.FileSystem, run_path: str, plan_nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Record id -> source of every record the plan's source nodes (nodes with no upstream) committed."""
+    run = RunDir(run_path, fs, run_path)
+    origin: dict[str, str] = {}
+    for node, info in sorted(plan_nodes.items()):
+        if info.get("after"):
+            continue
+        for partition in range(int(info.get("partitions", 0))):
+            unit = Unit(node, info["fingerprint"], partition)
+            if is_committed(run, unit):
+                table = pq.read_table(run.join(unit.data), columns=["id", "source"], filesystem=fs)
+                origin.update(zip(table.column("id").to_pylist(), table.column("source").to_pylist()))
+    return origin
+
+
+def source_yield(fs: pafs.FileSystem, run_path: str, plan_nodes: Mapping[str, Mapping[str, Any]],
+                 table: pa.Table, ledger: pa.Table) -> dict[str, list[dict[str, Any]]]:
+    """Per source: the records it produced, how many `table` (the dataset) kept and how many distinct
+    records were rejected; per (source, stage, rule): the records that rule rejected.
+
+    A ledger row names a record id, not its source: the source is looked up in the source nodes'
+    committed outputs (`plan_nodes`: plan.json's nodes), then in `table`. A rejection whose record
+    neither holds (an entry too broken to become a record) counts under source `unknown`. A source no
+    source output names (a shard run on its own, `unknown`) has its kept plus its rejected records.
+    """
+    seeds = _seed_sources(fs, run_path, plan_nodes)
+    origin = {**seeds, **dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist()))}
+    rejected: dict[str, set[str]] = {}
+    by_rule: dict[tuple[str, str, str], set[str]] = {}
+    columns = (ledger.column(c).to_pylist() for c in ("id", "stage", "rule"))
+    for row, (rid, stage, rule) in enumerate(zip(*columns)):
+        source = origin.get(rid) or "unknown"
+        key = rid if rid is not None else f"ledger row {row}"  # an id-less row is a record of its own
+        rejected.setdefault(source, set()).add(key)
+        by_rule.setdefault((source, stage, rule), set()).add(key)
+    kept = Counter(s or "unknown" for s in table.column("source").to_pylist())
+    produced = Counter(s or "unknown" for s in seeds.values())
+    sources = [{"source": s, "records": produced[s] if s in produced else kept[s] + len(rejected.get(s, ())),
+                "kept": kept[s], "rejected": len(rejected.get(s, ()))}
+               for s in sorted(set(produced) | set(kept) | set(rejected))]
+    rules = [{"source": s, "stage": stage, "rule": rule, "records": len(ids)}
+             for (s, stage, rule), ids in sorted(by_rule.items())]
+    return {"sources": sources, "rules": rules}

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.errors import InputError
 from stages.lib.chat import LabelledImage, frame_label
+from stages.lib.schema import frame_jpeg
 
 #: Frames decoded per `get_batch` call: bounds memory on large videos.
 DECODE_CHUNK = 32
@@ -174,7 +175,7 @@ def time_order(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 class FrameReader:
-    """The pixels of a record's frames: the embedded `frames[].jpeg`, or decoded from `media.uri` at
+    """The pixels of a record's frames: the embedded `frames[].image` JPEG, or decoded from `media.uri` at
     the frames' indices.
 
     The `sample` stage may embed JPEGs (self-contained shards) or only record indices; either way
@@ -206,15 +207,15 @@ class FrameReader:
         where = f"{record['_file']}: record {record.get('id')!r}" if record.get("_file") else f"record {record.get('id')}"
         if not frames:
             raise InputError(f"{where}: field 'frames' is empty; the sample stage must choose frames first")
-        out: list[bytes | np.ndarray | None] = [f.get("jpeg") or None for f in frames]
+        out: list[bytes | np.ndarray | None] = [frame_jpeg(f) for f in frames]
         todo = [i for i, value in enumerate(out) if value is None]
         if todo:
             uri = (record.get("media") or {}).get("uri")
             if not uri:
-                raise InputError(f"{where}: frames carry no 'jpeg' and field 'media.uri' is empty")
+                raise InputError(f"{where}: frames carry no 'image' and field 'media.uri' is empty")
             indices = [frames[i].get("index") for i in todo]
             if any(index is None for index in indices):
-                raise InputError(f"{where}: a frame has neither 'jpeg' nor 'index'")
+                raise InputError(f"{where}: a frame has neither 'image' nor 'index'")
             try:
                 reader = self._reader(uri, base_dir)
                 if max(indices) >= len(reader):

@@ -74,9 +74,9 @@ class PromptSet:
         gt = {"objects": [{"name": "red circle", "track": [{"t_s": 1.0, "box": [0.1, 0.1, 0.3, 0.3]}]}],
               "spans": [{"label": "the circle moves", "start_s": 1.0, "end_s": 2.0}]}
         for task in TASKS:
-            record = {"id": "example", "task": task, "frames": frames, "gt": gt, "question": "Which?",
+            record = {"id": "example", "task": task, "frames": frames, "ground_truth": gt, "question": "Which?",
                       "options": ["A. one", "B. two"], "answer": "A",
-                      "media": {"duration_s": 3.0}, "clip": {"start_s": 0.0, "end_s": 3.0}}
+                      "media": {"duration_s": 3.0}, "clip_window": {"start_s": 0.0, "end_s": 3.0}}
             try:
                 self.render(task, record_context(record))
             except UndefinedError as exc:
@@ -141,10 +141,10 @@ def record_context(record: Mapping[str, Any], max_evidence: int = 8) -> dict[str
     if task not in TASKS:
         raise ValueError(f"record {record.get('id')}: field 'task' is {task!r}; expected one of {list(TASKS)}")
     media = record.get("media") or {}
-    clip = record.get("clip") or {}
+    clip = record.get("clip_window") or {}
     frames = sorted(record.get("frames") or [], key=lambda f: (f["t_s"], f.get("index") or 0))
     times = np.array([f["t_s"] for f in frames], dtype=float)
-    gt = record.get("gt") or {}
+    gt = record.get("ground_truth") or {}
     gt_objects = gt.get("objects") or []
     objects = []
     for obj in gt_objects:
@@ -268,7 +268,7 @@ def write_question(context: Mapping[str, Any]) -> str:
     if task == "temporal" and label is not None:
         return rng.choice(questions["temporal"]).format(label=label)
     if subject is None:
-        raise ValueError(f"record {rid}: field 'question' is empty and 'gt' has no object or event to ask about")
+        raise ValueError(f"record {rid}: field 'question' is empty and 'ground_truth' has no object or event to ask about")
     if task == "temporal":
         return rng.choice(questions["temporal_object"]).format(obj=subject)
     if task == "spatial":

@@ -4,6 +4,12 @@ Every stage reads and writes the same columns (those a stage has not reached yet
 partition from any stage opens with the same code and `pandas.read_parquet` gives plain Python
 values. Canonical units everywhere: seconds on the source video's own timeline, boxes `[x1, y1, x2,
 y2]` normalised to [0, 1] of the source frame. Bump SCHEMA_VERSION when a column changes meaning.
+
+Names a user meets in pandas and `datasets`: no column shadows a pandas method (`row.ground_truth`,
+not `row.gt`, which is `Series.gt`); a frame's picture is a `datasets.Image` struct (`{bytes, path}`),
+so `datasets` decodes it to a PIL image while pandas gives the JPEG bytes; the `split` column holds the
+set's own name (`stgr-cot`, `stgr-rl`), the name of its folder and of its `datasets` config. Shards of
+schema 1.x (`gt`, `clip`, `frames[].jpeg`, splits `sft`/`rl`) are read through `upgrade`.
 """
 from __future__ import annotations
 
@@ -12,8 +18,18 @@ import json
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "2.0"
+
+#: The published sets, in the order the dataset lists them: `stgr-cot` (SFT: reasoning traces to imitate)
+#: and `stgr-rl` (RL: questions with ground truth to reward against). One name each for the value of
+#: the `split` column, the dataset's sub-folder and its `datasets` config.
+SETS = ("stgr-cot", "stgr-rl")
+
+#: Schema 1.x names -> these: the split values, and the columns whose old names shadow pandas methods.
+LEGACY_SETS = {"sft": "stgr-cot", "rl": "stgr-rl"}
+RENAMED_COLUMNS = {"gt": "ground_truth", "clip": "clip_window"}
 
 TASKS = ("spatio_temporal", "temporal", "temporal_mcq", "spatial", "general_mcq", "general_free")
 
@@ -48,7 +64,10 @@ MEDIA = pa.struct(
     ]
 )
 CLIP = pa.struct([("start_s", pa.float64()), ("end_s", pa.float64())])
-FRAME = pa.struct([("t_s", pa.float64()), ("index", pa.int64()), ("jpeg", pa.binary())])
+#: The Arrow storage of `datasets.Image`: the card declares the field as an image, so `datasets` and
+#: the Hub viewer decode it, and pandas reads `{"bytes": <JPEG>, "path": None}`.
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+FRAME = pa.struct([("t_s", pa.float64()), ("index", pa.int64()), ("image", IMAGE)])
 OBJECT_BOX = pa.struct([("name", pa.string()), ("box", BOX)])
 KEY_FRAME = pa.struct([("t_s", pa.float64()), ("objects", pa.list_(OBJECT_BOX))])
 TRACK_POINT = pa.struct([("t_s", pa.float64()), ("box", BOX)])
@@ -101,7 +120,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("source_id", pa.string()),
         pa.field("task", pa.string()),
         pa.field("media", MEDIA),
-        pa.field("clip", CLIP),
+        pa.field("clip_window", CLIP),
         pa.field("frames", pa.list_(FRAME)),
         pa.field("question", pa.string()),
         pa.field("options", pa.list_(pa.string())),
@@ -109,7 +128,7 @@ RECORD_SCHEMA = pa.schema(
         pa.field("answer_span", SPAN),
         pa.field("reasoning", pa.string()),
         pa.field("key_frames", pa.list_(KEY_FRAME)),
-        pa.field("gt", GROUND_TRUTH),
+        pa.field("ground_truth", GROUND_TRUTH),
         pa.field("response", pa.string()),
         pa.field("split", pa.string()),
         pa.field("scores", SCORES),
@@ -131,8 +150,61 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
 
 
+def frame_image(jpeg: bytes | None) -> dict[str, Any] | None:
+    """The `frames[].image` value of a JPEG (null when the frame is not embedded)."""
+    return {"bytes": jpeg, "path": None} if jpeg else None
+
+
+def frame_jpeg(frame: Mapping[str, Any]) -> bytes | None:
+    """A frame's embedded JPEG, or None (then it is decoded from `media.uri` at `index`)."""
+    return (frame.get("image") or {}).get("bytes") or None
+
+
+def upgrade(table: pa.Table) -> pa.Table:
+    """A table in this schema's names, whatever schema version wrote it (columns are not added).
+
+    Schema 1.x wrote `gt` and `clip` (renamed: they shadow pandas methods), `frames[].jpeg` (now the
+    `datasets.Image` struct `frames[].image`) and splits `sft`/`rl` (now the set names). Readers of
+    shards call this (through `conform`), so a dataset built before 2.0 still loads.
+    """
+    names = [RENAMED_COLUMNS[n] if n in RENAMED_COLUMNS and RENAMED_COLUMNS[n] not in table.column_names else n
+             for n in table.column_names]
+    table = table.rename_columns(names)
+    if "frames" in names and "jpeg" in _frame_fields(table.schema.field("frames").type):
+        frames = pa.chunked_array([_embed_images(chunk) for chunk in table.column("frames").chunks],
+                                  pa.list_(FRAME))
+        table = table.set_column(names.index("frames"), "frames", frames)
+    if "split" in names:
+        split = table.column("split").cast(pa.string())
+        for old, new in LEGACY_SETS.items():
+            split = pc.if_else(pc.equal(split, old), new, split)
+        table = table.set_column(names.index("split"), "split", split)
+    return table
+
+
+def _frame_fields(frames_type: pa.DataType) -> list[str]:
+    value_type = getattr(frames_type, "value_type", None)
+    return [f.name for f in value_type] if isinstance(value_type, pa.StructType) else []
+
+
+def _embed_images(frames: pa.ListArray) -> pa.ListArray:
+    """Schema 1.x frames `{t_s, index, jpeg}` -> `{t_s, index, image: {bytes, path}}`, in Arrow
+    (a shard holds up to hundreds of MiB of JPEG: no trip through Python objects)."""
+    offsets = frames.offsets  # of a sliced array: rebased, so that a null bitmap may go with them
+    start = offsets[0].as_py()
+    values = frames.values.slice(start, offsets[-1].as_py() - start)
+    offsets = pc.subtract(offsets, pa.scalar(start, offsets.type))
+    jpeg = values.field("jpeg").cast(pa.binary())
+    image = pa.StructArray.from_arrays([jpeg, pa.nulls(len(jpeg), pa.string())], fields=list(IMAGE),
+                                       mask=jpeg.is_null())
+    items = pa.StructArray.from_arrays([values.field("t_s").cast(pa.float64()), values.field("index").cast(pa.int64()),
+                                        image], fields=list(FRAME), mask=values.is_null())
+    return pa.ListArray.from_arrays(offsets, items, mask=frames.is_null() if frames.null_count else None)
+
+
 def conform(table: pa.Table) -> pa.Table:
-    """Add missing columns as nulls and order/cast columns to RECORD_SCHEMA."""
+    """Upgrade (see `upgrade`), add missing columns as nulls and order/cast columns to RECORD_SCHEMA."""
+    table = upgrade(table)
     columns = []
     for field in RECORD_SCHEMA:
         if field.name in table.column_names:

@@ -48,9 +48,9 @@ class GroundTruth:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], tolerance: float) -> "GroundTruth":
-        """From one record as Python values (`gt` and `key_frames`)."""
+        """From one record as Python values (`ground_truth` and `key_frames`)."""
         tracks = []
-        for obj in ((record.get("gt") or {}).get("objects") or ()):
+        for obj in ((record.get("ground_truth") or {}).get("objects") or ()):
             points = [p for p in obj.get("track") or () if p.get("box") is not None and p.get("t_s") is not None]
             if points:
                 order = np.argsort([p["t_s"] for p in points], kind="stable")
@@ -63,7 +63,7 @@ class GroundTruth:
     def for_table(cls, table: pa.Table, tolerance: float) -> list["GroundTruth"]:
         """One per row, with the tracks taken straight from Arrow buffers: per-frame tracks are most
         of a partition's values, and turning them into Python dicts would dominate align's time."""
-        objects = pc.struct_field(table.column("gt").combine_chunks(), "objects")
+        objects = pc.struct_field(table.column("ground_truth").combine_chunks(), "objects")
         flat_objects = pc.list_flatten(objects)
         object_row = pc.list_parent_indices(objects).to_numpy(zero_copy_only=False)
         names = pc.fill_null(pc.struct_field(flat_objects, "name"), "").to_pylist()

@@ -58,7 +58,7 @@ class ActivityNetCaptionsAdapter(Adapter):
         return [make_record(
             source="activitynet_captions", source_id=f"{vid}#{k}", task="temporal", media=declared,
             question=f'When does this happen: "{sentence.strip()}"?', answer_span=[start, end],
-            gt={"objects": [], "spans": [{"label": sentence.strip(), "start_s": start, "end_s": end}]},
+            ground_truth={"objects": [], "spans": [{"label": sentence.strip(), "start_s": start, "end_s": end}]},
             meta=meta_dump({"vid": vid, "sentence_index": k, "sentence": sentence.strip(), "duration": e.duration}))
             for k, ((start, end), sentence) in enumerate(zip(e.timestamps, e.sentences))]
 

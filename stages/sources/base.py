@@ -136,13 +136,13 @@ class Entry(BaseModel):
 
 def _has_boxes(columns: Mapping[str, Any]) -> bool:
     key_frames = columns.get("key_frames") or []
-    objects = (columns.get("gt") or {}).get("objects") or []
+    objects = (columns.get("ground_truth") or {}).get("objects") or []
     return any(o.get("box") for kf in key_frames for o in kf.get("objects") or []) or \
         any(p.get("box") for o in objects for p in o.get("track") or [])
 
 
 def _has_span(columns: Mapping[str, Any]) -> bool:
-    return bool(columns.get("answer_span")) or bool((columns.get("gt") or {}).get("spans"))
+    return bool(columns.get("answer_span")) or bool((columns.get("ground_truth") or {}).get("spans"))
 
 
 def supported_task(task: str, columns: Mapping[str, Any]) -> str:

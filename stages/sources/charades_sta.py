@@ -63,5 +63,5 @@ class CharadesSTAAdapter(Adapter):
         return [make_record(
             source="charades_sta", source_id=f"{vid}#{number}", task="temporal", media=media(self.media_path(vid)),
             question=f'When does this happen: "{sentence}"?', answer_span=[start, end],
-            gt={"objects": [], "spans": [{"label": sentence, "start_s": start, "end_s": end}]},
+            ground_truth={"objects": [], "spans": [{"label": sentence, "start_s": start, "end_s": end}]},
             meta=meta_dump({"vid": vid, "line": number, "sentence": sentence}))]

@@ -100,7 +100,7 @@ class HCSTVGAdapter(Adapter):
             source="hcstvg", source_id=video, task="spatio_temporal", media=declared,
             question=f'When and where does this happen: "{e.caption}"?', answer=None, answer_span=span,
             key_frames=key_frames,
-            gt={"objects": [{"name": name, "track": track}],
+            ground_truth={"objects": [{"name": name, "track": track}],
                 "spans": [{"label": e.caption, "start_s": span[0], "end_s": span[1]}]},
             meta=meta_dump({"video": video, "caption": e.caption, "st_frame": e.st_frame, "img_num": e.img_num,
                             "fps": fps, "num_boxes": len(e.bbox)}))]

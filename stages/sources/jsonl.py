@@ -128,7 +128,7 @@ class JsonlAdapter(Adapter):
         return [make_record(
             source="jsonl", source_id=source_id, task=e.task, media=media(uri), question=e.question,
             options=e.options, answer=e.answer, answer_span=list(e.answer_span) if e.answer_span else None,
-            clip=e.clip.model_dump() if e.clip else None,
+            clip_window=e.clip.model_dump() if e.clip else None,
             key_frames=[kf.model_dump() for kf in e.key_frames],
-            gt={"objects": [o.model_dump() for o in e.objects], "spans": [s.model_dump() for s in e.spans]},
+            ground_truth={"objects": [o.model_dump() for o in e.objects], "spans": [s.model_dump() for s in e.spans]},
             meta=meta_dump({"line": number, **e.meta}))]

@@ -187,7 +187,7 @@ class STGRJsonAdapter(Adapter):
             media=media(os.path.join(str(self.config["video_dir"]), e.video_path)),
             question=question, options=options, answer=answer, answer_span=list(span) if span else None,
             reasoning=e.reasoning_process or None, key_frames=key_frames,
-            gt={"objects": [{"name": n, "track": t} for n, t in tracks.items()],
+            ground_truth={"objects": [{"name": n, "track": t} for n, t in tracks.items()],
                 "spans": [{"label": question, "start_s": span[0], "end_s": span[1]}] if span else []},
             meta=meta_dump({"task": e.task, "source": e.source, "entry": position, "video_path": e.video_path,
                             "stgr_source": e.stgr.source if e.stgr else None,

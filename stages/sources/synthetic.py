@@ -376,7 +376,7 @@ class SyntheticAdapter(Adapter):
             focused = _focus(gt, written)
             written["key_frames"] = _as_seen(scene, written["key_frames"])
             records.append(make_record(source="synthetic", source_id=f"{seed}/{scene.name}", task=task,
-                                       media=declared, gt=focused, meta=meta, **written))
+                                       media=declared, ground_truth=focused, meta=meta, **written))
         return records
 
 

@@ -113,8 +113,8 @@ class VidSTGAdapter(Adapter):
             question, answer = _question(kind, sentence.description, describe.get(sentence.target_id), bool(track))
             records.append(make_record(
                 source="vidstg", source_id=f"{e.vid}#{position}", task="spatio_temporal", variant=f"{kind}{index}",
-                media=declared, clip=clip, question=question, answer=answer, answer_span=span, key_frames=key_frames,
-                gt={"objects": [{"name": name, "track": track}] if track else [],
+                media=declared, clip_window=clip, question=question, answer=answer, answer_span=span, key_frames=key_frames,
+                ground_truth={"objects": [{"name": name, "track": track}] if track else [],
                     "spans": [{"label": _span_label(kind, sentence.description, describe.get(sentence.target_id), label_text),
                                "start_s": span[0], "end_s": span[1]}]},
                 meta=meta_dump({"vid": e.vid, "entry": position, "sentence_type": kind, "sentence": sentence.description,

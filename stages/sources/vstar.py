@@ -101,7 +101,7 @@ class VStarAdapter(Adapter):
         declared = media(self.media_path(e.vid), fps=e.fps, num_frames=e.frame_count,
                          duration_s=round(e.frame_count / e.fps, 6), width=e.width, height=e.height)
         key_frames = [{"t_s": p["t_s"], "objects": [{"name": name, "box": p["box"]}]} for p in track]
-        common = {"source": "vstar", "source_id": f"{e.vid}#{position}", "media": declared, "gt": gt,
+        common = {"source": "vstar", "source_id": f"{e.vid}#{position}", "media": declared, "ground_truth": gt,
                   "meta": meta_dump({"vid": e.vid, "entry": position, "domain": e.domain, "object": e.object,
                                      "spatial_question_2": (entry or {}).get("spatial_question_2")})}
         records = [make_record(task="general_free", question=e.question, answer=e.answer, answer_span=span,

@@ -52,9 +52,9 @@ def make_records(n: int, frames: int, seed: int = 0) -> list[dict]:
         records.append({
             "id": f"bench{i}", "task": tasks[i % 3], "source_id": f"v{i}",
             "media": {"uri": "unused.mp4", "fps": 10.0, "num_frames": 100, "duration_s": 10.0},
-            "clip": {"start_s": 0.0, "end_s": 10.0},
-            "frames": [{"t_s": t, "index": int(t * 10), "jpeg": j} for t, j in zip(times, jpegs)],
-            "gt": {"objects": [{"name": "red circle", "track": track}],
+            "clip_window": {"start_s": 0.0, "end_s": 10.0},
+            "frames": [{"t_s": t, "index": int(t * 10), "image": {"bytes": j, "path": None}} for t, j in zip(times, jpegs)],
+            "ground_truth": {"objects": [{"name": "red circle", "track": track}],
                    "spans": [{"label": "the red circle moves", "start_s": times[0], "end_s": times[-1]}]},
         })
     return records

@@ -26,6 +26,7 @@ from stages.lib.answers import option_letter
 from stages.lib.chat import ChatRequest, LabelledImage
 from stages.lib.media import jpeg_bytes, open_video, video_jpegs
 from stages.lib.render import FramePolicy, render_example, request_from_messages
+from stages.lib.schema import frame_image
 from stages.lib.targets import frame_from_dict, frame_to_dict
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import JudgeCalls
@@ -296,7 +297,7 @@ class _Inputs:
         indices = frame_indices(count, self.fps, float(data["fps"]), int(data["max_frames"]))
         jpegs = video_jpegs(video, indices)
         self.duration_s = round(count / self.fps, 2)
-        self.frames = [{"t_s": round(i / self.fps, 6), "index": i, "jpeg": j} for i, j in zip(indices, jpegs)]
+        self.frames = [{"t_s": round(i / self.fps, 6), "index": i, "image": frame_image(j)} for i, j in zip(indices, jpegs)]
         from PIL import Image
 
         with Image.open(io.BytesIO(jpegs[0])) as first:

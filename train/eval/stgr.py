@@ -24,6 +24,7 @@ from pipeline.errors import InputError
 from stages.lib import answers, evidence, metrics
 from stages.lib.media import video_jpegs
 from stages.lib.render import render_example, request_from_messages
+from stages.lib.schema import frame_jpeg
 from train import rewards
 from train.data import load_records
 from train.eval.crops import crop_calls, crop_kind
@@ -132,12 +133,12 @@ class StgrEval:
             path = Path(record["_file"]).parent / path
         if uri and path.is_file() and media.get("fps"):
             return Image.open(io.BytesIO(video_jpegs(path, [int(round(t * float(media["fps"])))])[0]))
-        frames = [f for f in record["frames"] if f.get("jpeg")]
+        frames = [f for f in record["frames"] if frame_jpeg(f)]
         if not frames:
             raise InputError(f"{record.get('_file')}: record {record['id']!r}: cannot crop at {t} s: "
                              f"'media.uri' is not readable and no frame carries a JPEG")
         nearest = min(frames, key=lambda f: abs(f["t_s"] - t))
-        return Image.open(io.BytesIO(nearest["jpeg"]))
+        return Image.open(io.BytesIO(frame_jpeg(nearest)))
 
     def crop_calls(self, runner: Runner) -> Iterator[Call]:
         for record in self.records:

@@ -29,6 +29,7 @@ from stages.lib import evidence, geometry, metrics
 from stages.lib.evidence import parse_boxes_by_time
 from stages.lib.media import video_jpegs
 from stages.lib.render import request_from_messages
+from stages.lib.schema import frame_image
 from stages.lib.targets import frame_from_dict, frame_to_dict
 from train.eval.crops import crop_calls, crop_kind
 from train.eval.judge import CORRECT_FROM, INVALID, JudgeCalls
@@ -309,7 +310,7 @@ class _ItemInputs:
         data = cfg["data"]
         times = frame_times(item, float(data["fps"]), int(data["max_frames"]))
         jpegs = video_jpegs(video, [i for _, i in times])
-        self.frames = [{"t_s": t, "index": i, "jpeg": j} for (t, i), j in zip(times, jpegs)]
+        self.frames = [{"t_s": t, "index": i, "image": frame_image(j)} for (t, i), j in zip(times, jpegs)]
         from PIL import Image
 
         with Image.open(io.BytesIO(jpegs[0])) as first:
