@@ -20,8 +20,10 @@ OVERALL = "all stages"
 
 
 def format_seconds(seconds: float) -> str:
-    """`42 s`, `3m05s`, `2h07m`: short enough for a progress line."""
-    seconds = max(0, int(round(seconds)))
+    """`4.2 s`, `42 s`, `3m05s`, `2h07m`: short enough for a progress line."""
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f} s"
+    seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     if seconds < 3600:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -148,7 +149,7 @@ def _read_back(path, tmp_path) -> list[dict]:
     from pipeline.testing import unit_context
     from stages.sources.stgr_json import STGRJsonAdapter
 
-    adapter = STGRJsonAdapter({"annotations": str(path), "video_dir": "/"})
+    adapter = STGRJsonAdapter({"annotations": str(path), "video_dir": str(tmp_path / "o3")})  # video_path is relative to it
     ctx = unit_context(tmp_path / "run", stage="source")
     return [seed for position, entry in enumerate(adapter.entries()) for seed in adapter.seed(entry, position, ctx)]
 
@@ -170,7 +171,7 @@ def test_open_o3_export_reads_back_with_the_stgr_json_adapter(tmp_path):
     for seed, original in zip(seeds, records):
         for column in GROUND_TRUTH:
             assert seed[column] == original[column], (original["task"], column)
-        assert seed["media"]["uri"] == original["media"]["uri"]
+        assert os.path.normpath(seed["media"]["uri"]) == original["media"]["uri"]
         assert json.loads(seed["meta"])["stgr_source"] == "synthetic"
         completion = f"<think>{original['reasoning'] or ''}</think><answer>{original['answer']}</answer>"
         assert score_record_answer(completion, seed) == score_record_answer(completion, original) == 1.0

@@ -4,7 +4,9 @@
   `STGR-RL.json` for stgr-rl, `STGR.json` for records without a set) in the folder OUT, with every key
   frame written as a JPEG under `OUT/kfs/<id>/<k>.jpg`, trainable by the released SFT and RL scripts.
   Each entry: `id`, `task` (upstream task names, see OPEN_O3_TASKS), `source` (the name that routes
-  the entry to the right branch of the released trainers, see OPEN_O3_SOURCES), `video_path`,
+  the entry to the right branch of the released trainers, see OPEN_O3_SOURCES), `video_path`
+  (relative to OUT, so the folder can be moved with its media or the trainers' video root set to
+  it; `--media copy|link` puts each video under `OUT/videos/` and points there; see MediaPlacer),
   `question` (options appended as `A. ...` lines), `answer` (as upstream writes it, see
   `open_o3_answer`), `reasoning_process` (the trace without `<think>` tags), `key_frames [{idx, time,
   path}]` (sorted by time, path relative to `kfs/`), `key_items {idx: {name: [[x1, y1, x2, y2], ...]}}`
@@ -31,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import operator
 import os
+import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -73,8 +77,8 @@ grpo_trainer.py`, `compute_loss`) picks a video root by source and raises on any
 `videoespresso_train_video`, `timerft` or `gqa` and contains none of `STR`, `TVG`, `videor1`; for the
 spatio-temporal task it also reads key frames from the STR root (the STR_plm root for sources with
 `STR_plm`). These names take the branch whose roots the released SFT script (`sft_multi_task.py`)
-uses for the same task: STR (stgr/temporal_grounding videos and kfs), TVG (tvg_r1), videor1. An
-absolute `video_path` is used as it is by both (`os.path.join` drops the root)."""
+uses for the same task: STR (stgr/temporal_grounding videos and kfs), TVG (tvg_r1), videor1. Both
+join the root and `video_path`, which is relative to the export folder: set the roots to it."""
 
 OPEN_O3_FILES = {"stgr-cot": "STGR-SFT.json", "stgr-rl": "STGR-RL.json", None: "STGR.json"}
 
@@ -100,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=SETS, default=None, help="export only this set")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, metavar="TASK",
                    help=f"export only records of these tasks ({', '.join(TASKS)})")
+    p.add_argument("--media", choices=MEDIA_MODES, default="relative",
+                   help="open-o3: `relative` (default) points video_path at each video where it is, relative to OUT; "
+                   "`copy` or `link` (a symbolic link) puts each video under OUT/videos/ and points there")
     p.add_argument("--train", nargs="+", default=[], metavar="OVERRIDE",
                    help="verl: Hydra overrides of conf/train/rl.yaml, the training config whose model and data "
                    "settings render the prompts (--train model=qwen3_vl data.max_frames=32)")
@@ -164,8 +171,56 @@ def _timed_images(record: Mapping[str, Any], reader: FrameReader) -> list[tuple[
     return list(zip([f["t_s"] for f in time_order(record)], reader.images(record)))
 
 
-def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) -> dict[str, Any]:
-    """One upstream STGR entry; writes the record's key-frame JPEGs under `kfs_dir/<id>/`."""
+MEDIA_MODES = ("relative", "copy", "link")
+
+
+class MediaPlacer:
+    """The `video_path` of an exported entry: relative to the export folder, never absolute, so the
+    folder works on another machine (with `copy`) or wherever the trainers' video root points.
+
+    `relative` points at the video where it is; `copy` and `link` put it under `OUT/videos/<name>`
+    (a second video of the same name gets a digest of its path in its name) and point there. A video
+    on an object store (`s3://...`) keeps its URI: no local path leads to it.
+    """
+
+    def __init__(self, out: str, mode: str = "relative") -> None:
+        if mode not in MEDIA_MODES:
+            raise ConfigError(f"--media {mode}: expected one of {list(MEDIA_MODES)}")
+        self.out = os.path.abspath(out)
+        self.mode = mode
+        self.placed: dict[str, str] = {}
+
+    def place(self, uri: str | None, record_id: str) -> str | None:
+        if not uri or "://" in uri:
+            return uri
+        source = os.path.abspath(uri)
+        if self.mode == "relative":
+            return os.path.relpath(source, self.out)
+        if source in self.placed:
+            return self.placed[source]
+        if not os.path.isfile(source):
+            raise InputError(f"record {record_id}: field 'media.uri' names {uri}, which is not a file; "
+                             f"--media {self.mode} needs the video")
+        stem, ext = os.path.splitext(os.path.basename(source))
+        rel = f"videos/{stem}{ext}"
+        if rel in self.placed.values():
+            rel = f"videos/{stem}-{hashlib.sha256(source.encode()).hexdigest()[:8]}{ext}"
+        target = os.path.join(self.out, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.lexists(target):
+            os.remove(target)
+        if self.mode == "copy":
+            shutil.copyfile(source, target)
+        else:
+            os.symlink(source, target)
+        self.placed[source] = rel
+        return rel
+
+
+def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str,
+                  media: MediaPlacer | None = None) -> dict[str, Any]:
+    """One upstream STGR entry; writes the record's key-frame JPEGs under `kfs_dir/<id>/` and places
+    its video with `media` (default: relative to the folder above `kfs_dir`)."""
     task = record.get("task")
     if task not in OPEN_O3_TASKS:
         raise InputError(f"record {record.get('id')}: field 'task' is {task!r}; known: {sorted(OPEN_O3_TASKS)}")
@@ -183,9 +238,11 @@ def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) 
             items.setdefault(obj["name"], []).append([round(v, 4) for v in obj["box"]])
         key_items[str(k)] = items
     span = record.get("answer_span")
+    media = media or MediaPlacer(os.path.dirname(os.path.abspath(kfs_dir)))
     return {
         "id": record["id"], "task": OPEN_O3_TASKS[task], "source": OPEN_O3_SOURCES[OPEN_O3_TASKS[task]],
-        "video_path": (record.get("media") or {}).get("uri"), "question": question_text(record),
+        "video_path": media.place((record.get("media") or {}).get("uri"), record["id"]),
+        "question": question_text(record),
         "answer": answer, "reasoning_process": record.get("reasoning") or "",
         "key_frames": key_frames, "key_items": key_items,
         "stgr": {"source": record.get("source"), "task": task, "answer": record.get("answer"),
@@ -193,14 +250,16 @@ def open_o3_entry(record: Mapping[str, Any], reader: FrameReader, kfs_dir: str) 
     }
 
 
-def export_open_o3(records: Iterable[dict[str, Any]], out: str) -> dict[str, int]:
-    """Write the STGR json files and key frames into folder `out`; returns entries per file."""
+def export_open_o3(records: Iterable[dict[str, Any]], out: str, media: str = "relative") -> dict[str, int]:
+    """Write the STGR json files and key frames into folder `out` (videos placed by `media`, see
+    MediaPlacer); returns entries per file."""
     kfs = os.path.join(out, "kfs")
     os.makedirs(kfs, exist_ok=True)
     reader = FrameReader()
+    placer = MediaPlacer(out, media)
     by_file: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        by_file.setdefault(OPEN_O3_FILES[record.get("split")], []).append(open_o3_entry(record, reader, kfs))
+        by_file.setdefault(OPEN_O3_FILES[record.get("split")], []).append(open_o3_entry(record, reader, kfs, placer))
     for name, entries in by_file.items():
         with open(os.path.join(out, name), "w") as handle:
             json.dump(entries, handle, indent=1, ensure_ascii=False)
@@ -270,13 +329,16 @@ EXPORTERS = {"open-o3": export_open_o3, "verl": export_verl}
 def handler(args: argparse.Namespace) -> int:
     if args.train and args.format != "verl":
         raise ConfigError(f"--train {' '.join(args.train)}: only --format verl renders prompts from the training config")
+    if args.media != "relative" and args.format != "open-o3":
+        raise ConfigError(f"--media {args.media}: only --format open-o3 writes video paths (verl embeds the frames)")
     located = locate(args.path)
     legacy = [old for old, new in LEGACY_SETS.items() if new == args.split]  # a schema 1.x dataset's value
     conditions = ([pc.field("split").isin([args.split, *legacy])] if args.split else []) + \
         ([pc.field("task").isin(args.tasks)] if args.tasks else [])
     where = functools.reduce(operator.and_, conditions) if conditions else None
     records = located.iter_records(where)
-    counts = export_verl(records, args.out, args.train) if args.format == "verl" else export_open_o3(records, args.out)
+    counts = export_verl(records, args.out, args.train) if args.format == "verl" else \
+        export_open_o3(records, args.out, args.media)
     for name, n in counts.items():
         print(f"{args.out}: {name}: {n} records")
     return 0
