@@ -9,6 +9,7 @@ would do and with which config, writing nothing and starting nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -18,11 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import pyarrow as pa
 import ray
 
 from pipeline.config import BuildPlan, compose_plan, from_yaml, to_yaml, validate
 from pipeline.errors import EXIT_FAILED_UNITS, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNUSABLE, ConfigError
 from pipeline.executor import NodeState, Outcome, execute, resolve_nodes, write_plan
+from pipeline.scheduler import unit_inputs
 from pipeline.fingerprint import plan_digest
 from pipeline.lease import DEFAULT_TTL_S, Lease, acquire
 from pipeline.progress import Progress, format_seconds
@@ -274,7 +277,43 @@ def execute_passes(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], b
         log.warning("damaged units were invalidated: running the build again to recompute them")
     settled = committed - set(outcome.failed) - outcome.pending
     return Outcome(committed=settled, reused=(reused or set()) - committed, failed=outcome.failed,
-                   pending=outcome.pending)
+                   pending=outcome.pending, partial=publish_partial(run, plan, states, outcome.pending, build_id))
+
+
+def publish_partial(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], pending: set[Unit],
+                    build_id: str) -> list[dict[str, Any]]:
+    """Run each publishing barrier (shard) that failed units blocked on the inputs that did commit,
+    on the driver and without committing it; returns the reports of what ran.
+
+    One failed partition must not cost the whole dataset: the records that made it are published,
+    marked partial (`UnitContext.missing_inputs`, which shard writes into the manifest), and the build
+    still exits 1 naming the failed units. The barrier's unit stays uncommitted, so once the cause
+    is fixed `stgr resume` runs it on every input and replaces the partial product.
+    """
+    fingerprints = {n: s.fingerprint for n, s in states.items()}
+    reports = []
+    for unit in sorted(pending, key=lambda u: u.key()):
+        spec, state = plan.nodes[unit.node], states[unit.node]
+        if not state.barrier or spec.stage_cls.published is Stage.published:
+            continue
+        inputs = unit_inputs(states, unit.node, unit.partition)
+        done = [u for u in inputs if is_committed(run, u)]
+        if not done:
+            continue
+        ctx = UnitContext(stage=unit.node, partition=unit.partition, num_partitions=state.partitions, attempt=0,
+                          fingerprint=unit.fingerprint, run_uri=run.uri, run_path=run.path, filesystem=run.fs,
+                          build_id=build_id, fingerprints=fingerprints,
+                          missing_inputs=tuple(u.key() for u in inputs if u not in done))
+        try:
+            table = pa.concat_tables([read_verified_table(run, u)[0] for u in done], promote_options="default")
+            result = spec.stage_cls(spec.config).process(table, ctx)
+        except Exception as exc:  # noqa: BLE001 - the failed units are reported anyway; this is a bonus
+            log.warning("%s: not run on the %d input units that committed: %s: %s", unit.key(), len(done),
+                        type(exc).__name__, exc)
+            continue
+        if result.report is not None:
+            reports.append(dataclasses.asdict(result.report))
+    return reports
 
 
 def publish_products(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id: str) -> bool:
@@ -324,7 +363,7 @@ def summarise(run: RunDir, states: dict[str, NodeState], outcome: Outcome, fresh
     if lease.lost:
         print(f"stgr: this build lost the lease of {run.uri} to {lease.lost}: another build may have replaced "
               "what it wrote; check `stgr status` and resume", file=sys.stderr, flush=True)
-    reports = collect_reports(run, states, outcome, fresh)
+    reports = collect_reports(run, states, outcome, fresh) + outcome.partial
     for report in reports:
         for line in report.get("summary") or []:
             print(line, flush=True)

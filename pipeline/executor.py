@@ -54,6 +54,7 @@ class Outcome:
     reused: set[Unit] = field(default_factory=set)
     failed: dict[Unit, str] = field(default_factory=dict)
     pending: set[Unit] = field(default_factory=set)
+    partial: list[dict[str, Any]] = field(default_factory=list)  # reports of `pipeline.build.publish_partial`
 
     @property
     def ok(self) -> bool:

@@ -139,6 +139,9 @@ class UnitContext:
     filesystem: Any
     build_id: str
     fingerprints: Mapping[str, str] = field(default_factory=dict)
+    # Set only when a barrier runs on the inputs that committed because others failed (the driver's
+    # `pipeline.build.publish_partial`): the missing units' keys, so its product says it is partial.
+    missing_inputs: tuple[str, ...] = ()
 
 
 class Stage(ABC):

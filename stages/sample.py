@@ -84,6 +84,7 @@ class SampleStage(Stage):
     # -- one video, all its records ------------------------------------------------------------
     def _sample_video(self, uri: str, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Rejection]]:
         rejections: list[Rejection] = []
+        pending = records  # the records not yet ledgered, which a failure of the video costs
         try:
             with _local_copy(uri) as path:
                 probe, reader = _open(uri, path, int(self.cfg("decode_threads", 1)))
@@ -99,11 +100,16 @@ class SampleStage(Stage):
                         rejections.append(record_error(record, exc))
                         continue
                     plans.append((record, clip, indices))
+                pending = [plan[0] for plan in plans]
                 if not plans:
                     return [], rejections
                 jpegs = self._decode(reader, probe, np.unique(np.concatenate([p[2] for p in plans])))
         except Reject as rej:
-            return [], rejections + [_for_record(r, rej.rejections[0]) for r in records]
+            return [], rejections + [_for_record(r, rej.rejections[0]) for r in pending]
+        except Exception as exc:  # noqa: BLE001 - whatever one video does, only its own records pay
+            cause = f"{type(exc).__name__}: {_first_line(exc)}"
+            failure = Rejection(None, "exception", f"{uri}: {cause}", error=cause, file=uri)
+            return [], rejections + [_for_record(r, failure) for r in pending]
         rows = []
         for record, (start, end), indices in plans:
             frames = [{"t_s": round(float(probe.starts[i]), 6), "index": int(i), "image": frame_image(jpegs.get(int(i)))}
@@ -229,6 +235,8 @@ def _open(uri: str, path: str, threads: int) -> tuple[Probe, Any]:
         raise Reject(Rejection(None, "missing_media", "the record names no media file (media.uri is empty)"))
     if not os.path.exists(path):
         raise Reject(Rejection(None, "missing_media", f"{uri}: no such file", file=uri))
+    if os.path.isdir(path):
+        raise Reject(Rejection(None, "missing_media", f"{uri}: a directory, not a video file", file=uri))
     if os.path.getsize(path) == 0:
         raise Reject(Rejection(None, "empty_media", f"{uri}: the file is empty (0 bytes)", file=uri))
     try:

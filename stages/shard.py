@@ -92,6 +92,10 @@ def build_report(manifest: Mapping[str, Any], location: str, allow_empty: bool, 
     """
     rejected = sum(r["rows"] for r in manifest["ledger"])
     summary = [f"dataset {location}: {manifest['rows']} rows"]
+    if manifest.get("partial"):
+        missing = manifest["partial"]["missing_units"]
+        summary[0] += (f" (PARTIAL: built without {len(missing)} unit(s) that did not commit, "
+                       f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; `stgr resume` completes it)")
     for name in SETS:
         tasks = ", ".join(f"{c['task']} {c['rows']}" for c in manifest["counts"]["task"] if c["split"] == name)
         summary.append(f"  {name}: {manifest['splits'][name]['rows']} rows" + (f" ({tasks})" if tasks else ""))
@@ -229,6 +233,8 @@ class ShardStage(Stage):
             "yield": source_yield(run.fs, run.path, _plan_nodes(run), table, ledger),
             "config": _read_run_config(run.fs, run.path) or {ctx.stage: self.config},
         }
+        if ctx.missing_inputs:  # built by the driver from what committed while other units failed
+            manifest["partial"] = {"missing_units": list(ctx.missing_inputs)}
         if not _in_plan(run, ctx):
             # a straggler of a build whose config has since changed: its unit may commit, but the
             # dataset is the run's current plan's, so its shards are withdrawn and nothing is listed
@@ -276,6 +282,9 @@ def dataset_problems(fs: pafs.FileSystem, directory: str, manifest: Mapping[str,
     if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
         problems.append(f"manifest.json: written by {manifest.get('node', 'shard')} fingerprint "
                         f"{manifest.get('fingerprint')}, but the run's plan has {fingerprint}")
+    if manifest.get("partial"):
+        problems.append(f"manifest.json: a partial dataset, built without the units that did not commit "
+                        f"({', '.join(manifest['partial']['missing_units'])})")
     files = listing(fs, directory)
     for info in manifest.get("splits", {}).values():
         for shard in info.get("shards", []):

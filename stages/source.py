@@ -4,12 +4,16 @@
 reads and validates the annotation file (a malformed file stops the build with exit 2 before any
 work is scheduled) and returns the number of partitions. `process(None, ctx)` runs on a worker and
 builds partition `ctx.partition` from a contiguous slice of the entries, so the same config always
-gives the same partitions, which is what makes committed units reusable on resume.
+gives the same partitions, which is what makes committed units reusable on resume. Each entry's
+records pass `Adapter.checked` (storable values, citable names, media inside `video_dir`); an entry
+that fails, or whose adapter raises, is one ledger row and the partition goes on.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, ClassVar, Mapping
+
+import pyarrow as pa
 
 from pipeline.registry import register_stage
 from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext
@@ -25,7 +29,8 @@ class SourceStage(Stage):
     version: ClassVar[str] = "1"
     source: ClassVar[bool] = True
     required_keys: ClassVar[tuple[str, ...]] = ("adapter",)
-    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"adapter": str, "records_per_partition": int}
+    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"adapter": str, "records_per_partition": int,
+                                                                   "allow_outside_video_dir": bool}
     path_keys: ClassVar[tuple[str, ...]] = ("annotations", "video_dir", "media_dir", "trajectories_dir")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -52,12 +57,13 @@ class SourceStage(Stage):
     def process(self, table: Any, ctx: UnitContext) -> StageResult:
         entries = self.adapter.entries()
         start = ctx.partition * self.per_partition
-        rows: list[dict[str, Any]] = []
+        tables: list[pa.Table] = []
         rejections: list[Rejection] = []
         for position in range(start, min(start + self.per_partition, len(entries))):
             entry = entries[position]
             try:
-                rows.extend(self.adapter.seed(entry, position, ctx))
+                rows = self.adapter.seed(entry, position, ctx)
+                tables.append(self.adapter.checked(rows, position, self.adapter.entry_label(entry, position)))
             except Reject as rej:
                 rejections.extend(rej.rejections)
             except Exception as exc:  # noqa: BLE001 - one bad entry must not sink its partition
@@ -66,4 +72,4 @@ class SourceStage(Stage):
                     id=None, rule="exception", reason=f"{self.adapter.annotations_label}: {label}: "
                     f"{type(exc).__name__}: {exc}", error=f"{type(exc).__name__}: {exc}",
                     file=self.adapter.annotations_label, record=label))
-        return StageResult(to_table(rows), rejections)
+        return StageResult(pa.concat_tables(tables) if tables else to_table([]), rejections)

@@ -12,6 +12,12 @@ Two kinds of bad input, two outcomes:
 - one *entry* is malformed (missing field, wrong type, end before start): the adapter raises
   `Reject` with rule `malformed_record`, naming file, entry position and field; the other entries
   are still built.
+
+Whatever the adapter, its records then pass `Adapter.checked` (the `source` stage calls it): every
+value storable (no lone surrogate, no integer beyond 64 bits), every object name citable in a trace,
+and the media inside `video_dir` (`resolve_media`: `..`, absolute paths and symlinks resolved; a
+path outside is the rule `media_outside_video_dir` unless `allow_outside_video_dir`). A record that
+fails is one ledger row naming file, entry and field, never a failed partition.
 """
 from __future__ import annotations
 
@@ -21,14 +27,17 @@ import importlib
 import json
 import os
 import pkgutil
+import posixpath
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.stage import Reject, Rejection, UnitContext
-from stages.lib.schema import record_id
+from stages.lib.evidence import Claim
+from stages.lib.schema import record_id, to_table
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
@@ -111,12 +120,39 @@ class Adapter(ABC):
         first = stems[0]
         return os.path.join(video_dir, first if first.lower().endswith(VIDEO_EXTENSIONS) else first + ".mp4")
 
-    def reject(self, position: int, label: str, problem: str, field: str | None = None) -> Reject:
-        """A `malformed_record` rejection naming file, entry and field."""
-        where = f"{self.annotations}: {label}"
+    def reject(self, position: int, label: str, problem: str, field: str | None = None,
+               rule: str = "malformed_record") -> Reject:
+        """A rejection (`malformed_record` unless said otherwise) naming file, entry and field."""
+        where = f"{self.annotations_label}: {label}"
         reason = f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}"
-        return Reject(Rejection(id=None, rule="malformed_record", reason=reason, value=field,
-                                file=self.annotations, record=label))
+        return Reject(Rejection(id=None, rule=rule, reason=reason, value=field,
+                                file=self.annotations_label, record=label))
+
+    def checked(self, rows: list[dict[str, Any]], position: int, label: str) -> pa.Table:
+        """One entry's seed records as a table, once each passes what every adapter's records must
+        (the module docstring); raises Reject naming file, entry and field. The media path is kept
+        normalised (`a/../b.mp4` becomes `b.mp4`), so what `sample` opens is what was checked."""
+        for row in rows:
+            problem = unstorable(row)
+            if problem is not None:
+                raise self.reject(position, label, problem[1], problem[0])
+            media = row.get("media") or {}
+            if media.get("uri") and self.config.get("video_dir"):
+                row["media"] = {**media, "uri": self._confined(str(media["uri"]), position, label)}
+        try:
+            return to_table(rows)
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            raise self.reject(position, label, f"cannot be stored: {type(exc).__name__}: {exc}") from None
+
+    def _confined(self, uri: str, position: int, label: str) -> str:
+        video_dir = str(self.config["video_dir"])
+        kept, outside = resolve_media(uri, video_dir)
+        if outside is not None and not self.config.get("allow_outside_video_dir"):
+            raise self.reject(position, label, f"{uri} resolves to {outside}, outside source.video_dir {video_dir} "
+                              "(source.allow_outside_video_dir=true admits it)", "media.uri", "media_outside_video_dir")
+        if "://" not in kept and os.path.isdir(kept):
+            raise self.reject(position, label, f"{kept} is a directory, not a video file", "media.uri", "missing_media")
+        return kept
 
     def validate(self, model: type[BaseModel], entry: Any, position: int, label: str) -> Any:
         """Validate one entry with a pydantic model; the first error becomes a named rejection."""
@@ -187,6 +223,70 @@ def expect_shape(path: str, data: Any, shape: type, what: str) -> None:
     """File-level shape check: e.g. VidSTG is a JSON list, HC-STVG an object keyed by video."""
     if not isinstance(data, shape):
         raise InputError(f"{path}: expected {what} at the top level (position 0), got {type(data).__name__}")
+
+
+# -- what every seed record must satisfy -------------------------------------------------------
+INT64_RANGE = (-(2**63), 2**63 - 1)
+
+
+def unstorable(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The first field of a seed record (dotted path) that cannot be stored or cited, and why.
+
+    Parquet holds UTF-8 and 64-bit integers: a lone surrogate (`"\\ud800"` is valid JSON) or a number
+    like 10^30 would fail the whole partition's write. An object name (a `name` in an `objects`
+    list) must be one a trace can cite (`stages.lib.evidence.Claim`: non-empty, no `<` or `>`),
+    else annotating the record fails.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, f"text holds {value[exc.start]!r} at position {exc.start}, a lone surrogate (not valid Unicode)"
+    elif isinstance(value, bool) or value is None:
+        return None
+    elif isinstance(value, int):
+        if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+            return path, f"{value} does not fit a 64-bit integer"
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            problem = unstorable(item, f"{path}.{key}" if path else str(key))
+            if problem is not None:
+                return problem
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            where = f"{path}.{index}"
+            if path.rsplit(".", 1)[-1] == "objects" and isinstance(item, Mapping) and "name" in item:
+                try:
+                    Claim(item["name"])
+                except ValueError as exc:
+                    return f"{where}.name", str(exc)
+            problem = unstorable(item, where)
+            if problem is not None:
+                return problem
+    return None
+
+
+def resolve_media(uri: str, video_dir: str) -> tuple[str, str | None]:
+    """(`uri` normalised, where it resolves when that is outside `video_dir`, else None).
+
+    A local path is joined to `video_dir` when relative and judged by its real path: `..`, an
+    absolute path and a symlink all count where they lead. A remote `video_dir` (`s3://bucket/videos`)
+    contains the URIs below it once `..` is resolved; a remote URI is outside a local `video_dir`.
+    """
+    if "://" in video_dir and not video_dir.startswith("file://"):
+        scheme, rest = video_dir.rstrip("/").split("://", 1)
+        target = uri if "://" in uri else f"{scheme}://{rest}/{uri}"
+        t_scheme, t_rest = target.split("://", 1)
+        t_host, _, t_path = t_rest.partition("/")
+        kept = f"{t_scheme}://{t_host}{posixpath.normpath('/' + t_path)}"
+        root = f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+        return kept, None if kept == root or kept.startswith(root + "/") else kept
+    root = os.path.realpath(video_dir.removeprefix("file://"))
+    if "://" in uri and not uri.startswith("file://"):
+        return uri, uri
+    kept = os.path.normpath(os.path.join(video_dir.removeprefix("file://"), uri.removeprefix("file://")))
+    real = os.path.realpath(kept)
+    return kept, None if os.path.commonpath([root, real]) == root else real
 
 
 # -- registry ---------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class Clip(Strict):
 
 
 class JsonlEntry(Strict):
-    video: str
+    video: str = Field(min_length=1)
     task: str
     id: str | int | None = None
     question: str | None = None
