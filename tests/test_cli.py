@@ -363,7 +363,7 @@ def test_every_subcommand_has_a_description() -> None:
 def test_list_names_what_a_build_can_use() -> None:
     from pipeline.config import CONF_DIR
     from pipeline.registry import STAGES, load_plugins
-    from stages.filter import RULES
+    from stages.lib.rules import RULES
 
     load_plugins()
     expected = {"sources": [p.stem for p in (CONF_DIR / "source").glob("*.yaml")],

@@ -7,7 +7,8 @@ import yaml
 
 from pipeline.testing import unit_context
 from stages.align import AlignStage
-from stages.filter import RULES, FilterStage
+from stages.filter import FilterStage
+from stages.lib.rules import RULES
 from stages.lib.schema import to_table
 from tests.record_factory import circle_box, make_record
 

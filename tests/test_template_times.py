@@ -22,7 +22,7 @@ from pipeline.testing import unit_context
 from stages.lib import evidence
 from stages.lib.answers import record_answer_kind, score_record_answer
 from stages.backends.template import written_time
-from stages.filter import Batch, TimeInClip
+from stages.lib.rules import Batch, TimeInClip
 from stages.lib.geometry import CANONICAL
 from stages.lib.schema import to_table
 from stages.source import SourceStage

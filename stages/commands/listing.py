@@ -88,7 +88,7 @@ def stages() -> list[Row]:
 
 
 def rules() -> list[Row]:
-    from stages.filter import RULES
+    from stages.lib.rules import RULES
 
     defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "filter" / "default.yaml"), resolve=False)
     settings = (defaults or {}).get("rules") or {}
