@@ -24,6 +24,7 @@ import pytest
 from pipeline.build import load_plan, run_build
 from pipeline.executor import resolve_nodes
 from pipeline.rundir import Unit
+from stages.commands.inspect import locate, verify
 
 CLIP = "5804131706.mp4"  # 553 frames at 29.97 fps: 18.45 s
 
@@ -99,12 +100,14 @@ def test_bad_jsonl_lines_cost_one_row_each_and_a_failed_partition_costs_no_datas
     assert manifest["partial"] == {"missing_units": ["filter/part-00002"]}
     seeds = {row["source_id"]: row["id"] for row in plan_rows(run, "stages", "source")}
     assert dataset_ids(run) == [seeds["g1"]]  # what committed is published, the repeat of line 1 ledgered
+    [problem] = verify(locate(str(run)), whole_run=True)
+    assert problem.startswith("manifest.json: a partial dataset, built without filter/part-00002")
 
     shutil.rmtree(blocker)
     assert run_build(str(run), resume=True, interactive=False) == 0
     manifest = json.loads((run / "dataset" / "manifest.json").read_text())
     assert "partial" not in manifest
-    assert dataset_ids(run) == sorted([seeds["g1"], seeds["g2"]])
+    assert dataset_ids(run) == sorted([seeds["g1"], seeds["g2"]]) and verify(locate(str(run)), whole_run=True) == []
     rows = by_record(plan_rows(run, "ledger"))
     name = str(annotations)
     expected = {(name, "line 2"): ("source", "malformed_record", "field 'video'"),

@@ -83,16 +83,20 @@ def _plan(located: Located) -> dict[str, Any] | None:
 
 def verify_plan(located: Located) -> list[str]:
     """Whether a dataset inside a run directory is the one the run's plan makes: its manifest was
-    written by the plan's shard unit (another config built in between leaves another dataset)."""
+    written by the plan's shard unit (another config built in between leaves another dataset), from
+    every input (a partial dataset is not)."""
     plan, manifest = _plan(located), located.manifest or {}
     if plan is None:
         return []
     nodes = plan.get("nodes", {})
     node = manifest.get("node") or next((n for n, info in nodes.items() if info.get("stage") == "shard"), None)
     expected = (nodes.get(node) or {}).get("fingerprint")
+    run = located.run_path
+    if manifest.get("partial"):  # published from what committed while units failed (docs/sources.md)
+        return [f"manifest.json: a partial dataset, built without {', '.join(manifest['partial']['missing_units'])}, "
+                f"which did not commit (`stgr resume {run}` completes it once their cause is fixed)"]
     if expected is None or manifest.get("fingerprint") == expected:
         return []
-    run = located.run_path
     return [f"manifest.json: written by {node} fingerprint {manifest.get('fingerprint')}, but the run's plan.json has "
             f"{expected}: the dataset does not match the run's plan (`stgr resume {run}` puts the plan's dataset in place)"]
 
