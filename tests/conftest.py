@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -24,3 +27,11 @@ def fixtures_dir() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f"real fixtures not found at {SHARED_FIXTURES} (set STGR_FIXTURES)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="module")
+def ray_tmp() -> Iterator[str]:
+    """A folder for an embedded Ray's session files (`cluster.temp_dir=`), shared by a module's builds."""
+    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

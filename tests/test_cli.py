@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,13 +34,6 @@ REJECT_GENERAL_MCQ = "filter.rules.answer_agrees.threshold.general_mcq=1.01"
 # six partitions (31 units), every record failing format_valid (more than -1 problems): an empty dataset
 INTERRUPTED_BUILD = ["source.num_videos=6", "source.records_per_partition=1", "cluster.num_cpus=2",
                      "filter.rules.format_valid.threshold=-1", "shard.allow_empty=true"]
-
-
-@pytest.fixture(scope="module")
-def ray_tmp() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
