@@ -38,27 +38,14 @@ _FILLER = re.compile(r"(?i)<obj>[^<>]*</obj>|\b(?:s|secs?|seconds?|to|and|from|u
                      r"|</?t>|[^A-Za-z0-9]")
 
 
-def _only(body: str, pattern_hit: str | None) -> bool:
-    """True when `body` holds nothing but `pattern_hit` and filler words/punctuation."""
-    if not pattern_hit:
-        return False
-    return not _FILLER.sub("", body.replace(pattern_hit, " ", 1))
-
-
-def _span_text(body: str) -> str | None:
-    for pattern in evidence.SPAN_PATTERNS:
+def _only(body: str, patterns: Sequence[re.Pattern[str]]) -> bool:
+    """True when `body` holds the first match of `patterns` and nothing else but filler words and
+    punctuation: the answer *is* a span (or a box), not a sentence that mentions one."""
+    for pattern in patterns:
         m = pattern.search(body)
         if m:
-            return m.group(0)
-    return None
-
-
-def _box_text(body: str) -> str | None:
-    for pattern in evidence.BOX_ANSWER_PATTERNS:
-        m = pattern.search(body)
-        if m:
-            return m.group(0)
-    return None
+            return not _FILLER.sub("", body.replace(m.group(0), " ", 1))
+    return False
 
 
 def option_letter(text: str, num_options: int | None = None) -> str | None:
@@ -109,9 +96,9 @@ def _truth(task: str, answer: str, options: tuple[str, ...], answer_span: tuple[
     if not body:
         kind = "span" if answer_span is not None else ANSWER_KINDS.get(task, "text")
         return AnswerTruth(kind, "", None, answer_span, None, num_options)
-    if _only(body, _span_text(body)):
+    if _only(body, evidence.SPAN_PATTERNS):
         return AnswerTruth("span", body, None, evidence.parse_time_span(body) or answer_span, None, num_options)
-    if _only(body, _box_text(body)):
+    if _only(body, evidence.BOX_ANSWER_PATTERNS):
         box = evidence.parse_box_answer(body)
         if box is not None:
             return AnswerTruth("box", body, None, None, box, num_options)
