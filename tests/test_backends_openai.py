@@ -25,7 +25,7 @@ from stages.backends import AuthenticationFailed, RequestFailed, make_backend
 from stages.lib.chat import IMAGE_END, LABEL_END, ChatRequest, LabelledImage, content_text, frames_content
 from stages.lib.media import FrameReader
 from stages.lib.response_cache import ResponseCache
-from stages.lib.schema import to_table
+from stages.lib.schema import frame_image, to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
 
 MAX_NEW_TOKENS = 12
@@ -185,7 +185,7 @@ def distinct_records(n: int) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
         record = seed_record(f"r{i:02d}", tasks[i % 3])
-        record["frames"] = [dict(f, jpeg=jpeg(1000 * i + k)) for k, f in enumerate(record["frames"][:3])]
+        record["frames"] = [dict(f, image=frame_image(jpeg(1000 * i + k))) for k, f in enumerate(record["frames"][:3])]
         out.append(record)
     return out
 
