@@ -10,6 +10,7 @@ would do and with which config, writing nothing and starting nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -105,15 +106,14 @@ def load_plan(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
     """The run directory, the resolved config (the stored one for a resume) and the validated plan;
     ConfigError/InputError (exit 2) before anything is written."""
     run = open_run(run_dir)
-    if resume:
-        if not run.exists("config.yaml"):
-            raise ConfigError(f"run: {run.uri} has no config.yaml; start it with `stgr build --run {run_dir}`")
-        config = from_yaml(run.read_text("config.yaml"))
-        if overrides:
-            raise ConfigError("overrides: `stgr resume` reuses the stored config; use `stgr build` to change it")
-    else:
+    if not resume:
         plan = compose_plan(overrides, config_name, config_dir)
         return run, plan.config, plan
+    if not run.exists("config.yaml"):
+        raise ConfigError(f"run: {run.uri} has no config.yaml; start it with `stgr build --run {run_dir}`")
+    if overrides:
+        raise ConfigError("overrides: `stgr resume` reuses the stored config; use `stgr build` to change it")
+    config = from_yaml(run.read_text("config.yaml"))
     return run, config, validate(config)
 
 
@@ -143,6 +143,7 @@ def run_build(run_dir: str, overrides: Sequence[str] = (), resume: bool = False,
 
 
 def all_units(states: dict[str, NodeState]) -> list[Unit]:
+    """Every unit of the plan, node by node."""
     return [Unit(n, s.fingerprint, p) for n, s in states.items() for p in range(s.partitions)]
 
 
@@ -225,20 +226,21 @@ def dry_run(run_dir: str, overrides: Sequence[str] = (), resume: bool = False, c
 
 def _stored_plan(run: RunDir) -> dict[str, Any]:
     """The nodes of the plan the last build wrote (empty for a new run)."""
-    import json
-
     if not run.exists("plan.json"):
         return {}
     return json.loads(run.read_text("plan.json")).get("nodes", {})
 
 
 def _why(run: RunDir, node: str, state: NodeState, pending: list[int], previous: dict[str, Any]) -> str:
+    """Why the node's `pending` units would run: a fingerprint other than the last build's (its config
+    or an upstream node's changed), a failure before, or never built."""
     if not pending:
         return "all committed"
     before = previous.get(node)
     if before and before.get("fingerprint") != state.fingerprint:
+        kept = state.partitions - len(pending)
         return (f"rerun: new fingerprint {state.fingerprint[:12]} (was {before['fingerprint'][:12]}: its config or "
-                "an upstream node's changed)")
+                "an upstream node's changed)" + (f"; {kept} committed under it by an earlier build" if kept else ""))
     failed = [p for p in pending if run.exists(Unit(node, state.fingerprint, p).error)]
     shown = ", ".join(part_name(p) for p in pending[:4]) + (", ..." if len(pending) > 4 else "")
     reason = "failed before, " if failed and len(failed) == len(pending) else \

@@ -75,6 +75,7 @@ class Progress:
         return (time.monotonic() - self.started) / self.ran * (self.to_run - self.ran)
 
     def update(self, unit: Unit, summary: dict[str, Any], reused: bool) -> None:
+        """Count one committed unit (`reused`: committed by an earlier build, so not one to run)."""
         self.counts[unit.node] += 1
         if reused:
             self.to_run -= 1
