@@ -365,3 +365,29 @@ def test_list_names_what_a_build_can_use() -> None:
         assert code == 0, out[-3000:]
         first_words = {line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")}
         assert set(names) <= first_words, (what, out)
+
+
+def test_progress_counts_only_the_units_to_run_and_gives_an_eta(caplog: pytest.LogCaptureFixture) -> None:
+    """One reused unit and three to run: the overall count and the ETA leave the reused one out, on a
+    terminal (rich's overall bar) and in a log (one line per committed unit)."""
+    import logging
+
+    from pipeline.progress import OVERALL, Progress
+
+    units = [Unit("source", "f", 0), Unit("source", "f", 1), Unit("sample", "g", 0), Unit("sample", "g", 1)]
+    for interactive in (True, False):
+        with caplog.at_level(logging.INFO, logger="stgr"), Progress({"source": 2, "sample": 2}, interactive) as progress:
+            caplog.clear()
+            assert progress.eta() is None
+            progress.update(units[0], {}, reused=True)
+            for unit in units[1:]:
+                progress.update(unit, {"rows_in": 1, "rows_out": 1, "rows_rejected": 0, "seconds": 0.1}, reused=False)
+                assert progress.eta() is not None
+            assert (progress.ran, progress.to_run) == (3, 3) and progress.eta() == 0
+            if interactive:
+                overall = next(t for t in progress._rich.tasks if t.description == OVERALL)
+                assert (overall.completed, overall.total) == (3, 3)
+            else:
+                lines = [r.getMessage() for r in caplog.records]
+                assert len(lines) == 3 and "source part-00001 committed (2/2; 1/3 units to run, ETA " in lines[0]
+                assert "(2/2; 3/3 units to run)" in lines[-1]
