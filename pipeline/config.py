@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import ConfigError
-from pipeline.registry import STAGES, load_plugins
+from pipeline.registry import STAGES, Registry, load_plugins
 from pipeline.stage import Stage
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -49,12 +49,54 @@ def compose(overrides: Sequence[str] = (), config_name: str = "build", conf_dir:
     from omegaconf.errors import OmegaConfBaseException
 
     conf_dir = Path(conf_dir or CONF_DIR)
+    _load_plugins(_named_plugins(overrides, conf_dir / f"{config_name}.yaml"))
+    store_schemas()
     try:
         cfg = _hydra_compose(overrides, config_name, conf_dir)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"config: {_explain(exc, overrides, config_name, conf_dir)}") from exc
     _refuse_added_typos(cfg, overrides)
     return cfg
+
+
+def _named_plugins(overrides: Sequence[str], primary: Path) -> list[str]:
+    """The `plugins:` modules of the primary config file (or of a `plugins=[...]` override), imported
+    before composing so that their entries' settings nodes exist for the yaml files that name them.
+    Anything unusable here is left to the composed config's own check (`validate`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    named: Any = None
+    try:
+        for override in OverridesParser.create().parse_overrides([o for o in overrides if o.startswith("plugins=")]):
+            named = override.value()
+        if named is None and primary.is_file():
+            named = (OmegaConf.to_container(OmegaConf.load(primary), resolve=False) or {}).get("plugins")
+    except Exception:  # noqa: BLE001 - a malformed file or override is reported by Hydra, with its key
+        return []
+    return [str(m) for m in named] if isinstance(named, list) else []
+
+
+def _load_plugins(modules: Sequence[str]) -> None:
+    try:
+        load_plugins(modules)
+    except ImportError as exc:
+        raise ConfigError(f"plugins: cannot import {exc.name or exc}") from exc
+
+
+def store_schemas() -> None:
+    """Publish every registered entry's settings defaults to Hydra as `stgr/<schema>/<name>`
+    (`stgr/stage/sample`, `stgr/adapter/vidstg`, `stgr/backend/openai`): a yaml file's `defaults:` list
+    names them, so it keeps only what differs, and an override of any declared setting finds its key."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for registry in Registry.instances:
+        if not registry.schema:
+            continue
+        for name, entry in registry.primary().items():
+            settings = getattr(entry, "Config", None)
+            if settings is not None:
+                store.store(group=f"stgr/{registry.schema}", name=name, node=settings.defaults())
 
 
 def _explain(exc: Exception, overrides: Sequence[str], config_name: str, conf_dir: Path) -> str:
@@ -173,10 +215,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
     plugins = config.get("plugins") or []
     if not isinstance(plugins, list):
         raise ConfigError(f"plugins: expected a list of module names, got {type(plugins).__name__}")
-    try:
-        load_plugins(plugins)
-    except ImportError as exc:
-        raise ConfigError(f"plugins: cannot import {exc.name or exc}") from exc
+    _load_plugins(plugins)
     max_attempts = config.get("max_attempts", 3)
     if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or max_attempts < 1:
         raise ConfigError(f"max_attempts: expected a positive int, got {max_attempts!r}")
@@ -190,9 +229,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
         stage_name = spec.get("stage")
         if stage_name is None:
             raise ConfigError(f"dag.{node}.stage: missing")
-        if stage_name not in STAGES:
-            known = ", ".join(sorted(STAGES)) or "none"
-            raise ConfigError(f"dag.{node}.stage: unknown stage '{stage_name}' (known: {known})")
+        cls = STAGES.lookup(stage_name, f"dag.{node}.stage")
         after = spec.get("after") or []
         if not isinstance(after, list):
             raise ConfigError(f"dag.{node}.after: expected a list of node names, got {after!r}")
@@ -205,7 +242,6 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
             stage_cfg = {}
         if not isinstance(stage_cfg, dict):
             raise ConfigError(f"{config_key}: expected a mapping, got {type(stage_cfg).__name__}")
-        cls = STAGES[stage_name]
         if cls.source and after:
             raise ConfigError(f"dag.{node}.after: source stage '{stage_name}' takes no input")
         if not cls.source and not after:
@@ -213,7 +249,8 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
         problems = cls.validate_config(stage_cfg)
         if problems:
             raise ConfigError(f"{config_key}.{problems[0]}")
-        for key in cls.path_keys:
+        stage_cfg = cls.resolved_config(stage_cfg)
+        for key in cls.marked_keys(stage_cfg, "path"):
             value = stage_cfg.get(key)
             if isinstance(value, str) and value and value != "???" and "://" not in value:
                 stage_cfg[key] = os.path.abspath(os.path.expanduser(value))

@@ -112,13 +112,6 @@ def _release_idle_actors(pools: dict[str, ActorPool], open_nodes: set[str], read
             pools[node].shrink()
 
 
-def _resources(config: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"num_cpus": float(config.get("num_cpus", 1)), "num_gpus": float(config.get("num_gpus", 0))}
-    if config.get("memory"):
-        out["memory"] = int(config["memory"])
-    return out
-
-
 def execute(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id: str,
             on_commit: Callable[[Unit, dict[str, Any], bool], None] | None = None,
             runtime_env: dict[str, Any] | None = None) -> Outcome:
@@ -132,10 +125,11 @@ def execute(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id
                 outcome.reused.add(unit)
                 if on_commit:
                     on_commit(unit, {}, True)
-    pools = {n: ActorPool(n, _resources(plan.nodes[n].config), int(plan.nodes[n].config.get("num_actors", 1)), runtime_env)
+    settings = {n: plan.nodes[n].stage_cls.Config.build(plan.nodes[n].config) for n in plan.order}
+    pools = {n: ActorPool(n, settings[n].ray_options(), settings[n].num_actors, runtime_env)
              for n in plan.order if states[n].actor}
     remote_fns = {
-        n: ray.remote(run_unit).options(max_retries=0, **_resources(plan.nodes[n].config))
+        n: ray.remote(run_unit).options(max_retries=0, **settings[n].ray_options())
         for n in plan.order if not states[n].actor
     }
     cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,6 +1,6 @@
 """Secrets: how an API key travels to the workers, and why it never reaches a file.
 
-A stage names the environment variables it needs (`Stage.env_keys`, e.g. `annotator.api_key_env`);
+A stage names the environment variables it needs (settings marked `env`, e.g. `annotator.api_key_env`);
 the driver reads their values once (`Secrets.from_env`) and hands them to each unit inside its
 `UnitTask`, a Ray task argument held in memory. Not in `runtime_env.env_vars`: Ray's runtime-env
 agent writes those to its log under the session's temp directory. A worker installs what it was
@@ -55,12 +55,12 @@ _installed = Secrets()
 
 
 def secret_names(plan: "BuildPlan | None") -> list[str]:
-    """The variables the plan's stages name in their `env_keys` (e.g. `annotator.api_key_env`)."""
+    """The variables the plan's stages name in their settings marked `env` (e.g. `annotator.api_key_env`)."""
     if plan is None:
         return []
     names = []
     for spec in plan.nodes.values():
-        for key in spec.stage_cls.env_keys:
+        for key in spec.stage_cls.marked_keys(spec.config, "env"):
             name = spec.config.get(key)
             if isinstance(name, str) and name:
                 names.append(name)

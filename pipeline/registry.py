@@ -1,6 +1,20 @@
-"""Registries by name, filled by decorators and by entry-point plugins.
+"""One registry for everything a config names: stages, source adapters, backends, filter rules and the
+synthetic source's task writers.
 
-Stages and CLI commands live in the packages above `pipeline` (`stages`, `train`); the engine must
+A `Registry` maps names to classes (or functions) with one behaviour everywhere:
+- an entry is identified by `module.qualname`; registering the same one again is a no-op that keeps
+  the newest object, because Ray's workers (and a reload, or `python -m`) import a module again and
+  its classes come back as new objects of the same name;
+- a different entry under a taken name is an error naming both, so two plugins never silently
+  replace each other;
+- an unknown name is one `UnknownName` (a ConfigError: one line, exit 2) naming the config key that
+  asked, `verify.backend: unknown backend 'x' (known: openai, template, ...)`, whoever asked;
+- a registry may fill itself: given `package`, it imports every module of that package the first time
+  it is read, so a new adapter or backend is one new file;
+- a registry given `schema` publishes each entry's settings defaults (`Settings.defaults`) for
+  Hydra as `stgr/<schema>/<name>`, the node a yaml file's `defaults:` list names.
+
+Stages and CLI commands live in the packages above `pipeline` (`stages`, `train`); the engine does
 not import them. They announce themselves through the entry-point groups `stgr.stages` and
 `stgr.commands` of pyproject.toml (or a config's `plugins:` list of modules), and the engine looks
 names up here, so adding a stage never touches an `if name == ...` chain.
@@ -9,27 +23,105 @@ from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 import sys
 from importlib.metadata import entry_points
-from typing import Callable, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Iterable, Iterator, Mapping, TypeVar
 
+from pipeline.errors import ConfigError
 from pipeline.stage import Stage
 
-T = TypeVar("T", bound=type[Stage])
+T = TypeVar("T")
+E = TypeVar("E")
 
-STAGES: dict[str, type[Stage]] = {}
 _loaded_groups: set[str] = set()
 
 
-def register_stage(cls: T) -> T:
-    """Class decorator: make a Stage subclass available under its `name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no `name`")
-    existing = STAGES.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"stage name '{cls.name}' is taken by {existing.__module__}.{existing.__qualname__}")
-    STAGES[cls.name] = cls
-    return cls
+class UnknownName(ConfigError):
+    """A config names an entry no registry holds; the message names the key that asked."""
+
+
+def identity(entry: Any) -> str:
+    """`module.qualname`: what makes two registrations the same entry."""
+    return f"{entry.__module__}.{entry.__qualname__}"
+
+
+class Registry(Mapping[str, T], Generic[T]):
+    """Named entries of one kind (see the module docstring); read-only as a Mapping."""
+
+    instances: ClassVar[list["Registry[Any]"]] = []
+
+    def __init__(self, kind: str, *, package: str | None = None, schema: str | None = None) -> None:
+        self.kind = kind
+        self.package = package
+        self.schema = schema
+        self._entries: dict[str, T] = {}
+        self._loaded = package is None
+        Registry.instances.append(self)
+
+    def register(self, entry: E | None = None, *, name: str | None = None,
+                 aliases: Iterable[str] = ()) -> E | Callable[[E], E]:
+        """Decorator: `@REG.register` (the entry's own `name` and `aliases`), or `@REG.register(name=...)`."""
+        if entry is None:
+            return lambda later: self.register(later, name=name, aliases=aliases)
+        key = name or getattr(entry, "name", "")
+        if not key:
+            raise ValueError(f"{identity(entry)} has no `name` to register it as a {self.kind}")
+        for alias in (key, *aliases, *getattr(entry, "aliases", ())):
+            existing = self._entries.get(alias)
+            if existing is not None and identity(existing) != identity(entry):
+                raise ValueError(f"{self.kind} name '{alias}' is taken by {identity(existing)}; "
+                                 f"{identity(entry)} cannot register under it")
+            self._entries[alias] = entry
+        return entry
+
+    def lookup(self, name: Any, key: str) -> T:
+        """The entry named `name`, or UnknownName naming the config `key` that asked."""
+        self._load()
+        known = ", ".join(sorted(self._entries)) or "none"
+        if name is None or name == "???":
+            raise UnknownName(f"{key}: required but missing; name a {self.kind} (known: {known})")
+        if not isinstance(name, str) or name not in self._entries:
+            raise UnknownName(f"{key}: unknown {self.kind} {name!r} (known: {known})")
+        return self._entries[name]
+
+    def primary(self) -> dict[str, T]:
+        """Each entry once, under its own name (aliases left out)."""
+        self._load()
+        return {k: v for k, v in self._entries.items() if getattr(v, "name", k) == k}
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # set first: the imported modules register into this registry
+        import_modules(str(self.package))
+
+    def __getitem__(self, name: str) -> T:
+        self._load()
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)
+
+
+def import_modules(package: str) -> None:
+    """Import every module directly inside `package` (each registers what it defines)."""
+    root = importlib.import_module(package)
+    for info in pkgutil.iter_modules(root.__path__, prefix=package + "."):
+        importlib.import_module(info.name)
+
+
+STAGES: Registry[type[Stage]] = Registry("stage", schema="stage")
+register_stage = STAGES.register
+
+
+def get_stage(name: str) -> type[Stage]:
+    return STAGES.lookup(name, "stage")
 
 
 def load_entry_points(group: str) -> dict[str, object]:
@@ -55,14 +147,3 @@ def load_plugins(modules: Iterable[str] = ()) -> None:
         sys.path.insert(0, os.getcwd())
     for name in modules:
         importlib.import_module(name)
-
-
-def get_stage(name: str) -> type[Stage]:
-    return STAGES[name]
-
-
-def stage_names() -> list[str]:
-    return sorted(STAGES)
-
-
-CommandFn = Callable[..., int]

@@ -15,6 +15,9 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import pyarrow as pa
 
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings, setting, unknown_keys
+
 LEDGER_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
@@ -103,22 +106,28 @@ class StageResult:
     report: StageReport | None = None
 
 
-@dataclass(frozen=True)
-class Resources:
-    """Ray resources per task (CPU stages) or per actor (model stages)."""
+@dataclass(kw_only=True)
+class StageConfig(Settings):
+    """What every stage's config holds: the Ray resources of each of its tasks (CPU stages) or actors
+    (model stages). How to run, not what to compute: left out of the fingerprint."""
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    memory: int | None = None
+    num_cpus: float = setting(1.0, "CPUs per task (or per actor)", run=True, ge=0)
+    num_gpus: float = setting(0.0, "GPUs per task (or per actor)", run=True, ge=0)
+    memory: int | None = setting(None, "bytes of memory Ray reserves per task or actor (null: none)", run=True, gt=0)
 
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "Resources":
-        cfg = dict(cfg or {})
-        return cls(
-            num_cpus=float(cfg.get("num_cpus", 1.0)),
-            num_gpus=float(cfg.get("num_gpus", 0.0)),
-            memory=cfg.get("memory"),
-        )
+    def ray_options(self) -> dict[str, Any]:
+        """The resources as Ray's `.options(...)` takes them."""
+        out: dict[str, Any] = {"num_cpus": float(self.num_cpus), "num_gpus": float(self.num_gpus)}
+        if self.memory:
+            out["memory"] = int(self.memory)
+        return out
+
+
+@dataclass(kw_only=True)
+class ActorConfig(StageConfig):
+    """A model stage's config (`actor = True`): its pool size besides the resources of each actor."""
+
+    num_actors: int = setting(1, "actors in the pool (each loads the model once, in setup())", run=True, ge=1)
 
 
 @dataclass(frozen=True)
@@ -162,48 +171,61 @@ class Stage(ABC):
     source: ClassVar[bool] = False
     needs_all_input: ClassVar[bool] = False
     actor: ClassVar[bool] = False
-    required_keys: ClassVar[tuple[str, ...]] = ()
-    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {}
-    fingerprint_exclude: ClassVar[tuple[str, ...]] = ("num_cpus", "num_gpus", "memory", "num_actors", "max_attempts")
-    # Config keys holding local paths: made absolute when the build starts, so workers in other
-    # directories (or on other nodes) and a later `resume` from elsewhere read the same files.
-    path_keys: ClassVar[tuple[str, ...]] = ()
-    # Config keys whose values name environment variables the workers need (an API key's variable):
-    # the driver forwards those variables to Ray workers; their values never enter the run directory.
-    env_keys: ClassVar[tuple[str, ...]] = ()
+    #: The stage's settings (a `StageConfig` dataclass; `ActorConfig` for a model stage), built from
+    #: its config block as `self.cfg`; see pipeline/settings.py.
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    cfg: StageConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.actor and not issubclass(cls.Config, ActorConfig):
+            raise TypeError(f"{cls.__qualname__}: an actor stage's Config extends ActorConfig (num_actors)")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
+        self.cfg = self.Config.from_config(self.config, f"stage '{self.name}'")
 
     @classmethod
-    def excluded_keys(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
-        """The keys of `config` left out of the fingerprint: `fingerprint_exclude`, and what a stage
-        learns from the config itself (a model stage: the how-to-run keys of the backend it names)."""
-        return cls.fingerprint_exclude
+    def config_parts(cls, config: Mapping[str, Any]) -> list[tuple[str, type[Settings]]]:
+        """(owner, settings class) of everything that reads this stage's config block: the stage's own
+        `Config`, and what the stage builds from the block (the source's adapter, a model stage's
+        backend). Raises ConfigError when the block names an unknown one."""
+        return [(f"stage '{cls.name}'", cls.Config)]
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        """Return problems as `key: message` strings; an empty list means valid."""
-        problems = []
-        for key in cls.required_keys:
-            if config.get(key) is None:
-                problems.append(f"{key}: required by stage '{cls.name}' but missing")
-        for key, types in cls.key_types.items():
-            value = config.get(key)
-            if value is None:
-                continue
-            accepted = types if isinstance(types, tuple) else (types,)
-            if bool in accepted or not isinstance(value, bool):
-                if isinstance(value, accepted):
-                    continue
-            if float in accepted and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            names = " or ".join(t.__name__ for t in accepted)
-            problems.append(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
-        return problems
+        """Problems as `key: message` strings (an empty list means valid): every declared setting's
+        type, bounds and presence, then every key nothing declares."""
+        try:
+            parts = cls.config_parts(config)
+        except ConfigError as exc:
+            return [str(exc)]
+        problems = [p for owner, part in parts for p in part.problems(config, owner)]
+        known = [n for _, part in parts for n in part.names()]
+        said = {p.split(":", 1)[0] for p in problems}  # a key refused already (api_key) is not also unknown
+        unknown = [p for p in unknown_keys(config, known, f"stage '{cls.name}'") if p.split(":", 1)[0] not in said]
+        return problems + unknown
 
-    def resources(self) -> Resources:
-        return Resources.from_config(self.config)
+    @classmethod
+    def resolved_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Every declared setting of a valid `config`, defaults filled in: what the plan stores, what
+        the workers get and what the fingerprint hashes."""
+        out: dict[str, Any] = {}
+        for _, part in cls.config_parts(config):
+            out.update(part.build(config).as_dict())
+        return out
+
+    @classmethod
+    def marked_keys(cls, config: Mapping[str, Any], mark: str) -> tuple[str, ...]:
+        """The settings of `config` marked `run` (how to run), `path` (a local path) or `env` (names an
+        environment variable the workers need), across `config_parts`."""
+        return tuple(name for _, part in cls.config_parts(config) for name in part.names(mark))
+
+    @classmethod
+    def excluded_keys(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
+        """The keys left out of the fingerprint: the settings marked `run` (resources, pool sizes,
+        batch sizes, a backend's connections and retries), which never change the output."""
+        return cls.marked_keys(config, "run")
 
     def setup(self, ctx: UnitContext) -> None:
         """Load what is expensive once per worker (models); the default needs nothing."""

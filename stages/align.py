@@ -14,18 +14,20 @@ Boxes are read in the canonical frame (normalised xyxy), which is what the annot
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.registry import register_stage
-from pipeline.stage import Stage, StageResult, UnitContext, record_error
+from pipeline.settings import setting
+from pipeline.stage import Stage, StageConfig, StageResult, UnitContext, record_error
 from stages.lib import evidence
 from stages.lib.answers import score_record_answer
 from stages.lib.geometry import assign_max, box_iou
 from stages.lib.schema import SCORES, conform
-from stages.lib.truth import GroundTruth, check_time, name_agrees, snap
+from stages.lib.truth import GroundTruth, TruthSettings, check_time, name_agrees, snap
 
 #: Columns align reads; the rest of a partition (frame JPEGs above all) is never converted to Python.
 INPUT_COLUMNS = ("id", "task", "frames", "options", "answer", "answer_span", "key_frames", "ground_truth",
@@ -39,10 +41,12 @@ def _frame_times(frames: Sequence[Mapping[str, Any]] | None) -> np.ndarray:
 # --- one record ----------------------------------------------------------------------------------------
 
 
-def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, name_weight: float = 0.5,
-                 answer_ok_at: float = 0.5, gt: GroundTruth | None = None) -> dict[str, Any]:
-    """The `scores` struct of one record (see docs/schema.md for every field); `gt` saves rebuilding
-    the record's ground truth where the caller has it (read from `record` otherwise)."""
+def align_record(record: Mapping[str, Any], cfg: AlignStage.Config | None = None, *,
+                 gt: GroundTruth | None = None) -> dict[str, Any]:
+    """The `scores` struct of one record (see docs/schema.md for every field) under the settings `cfg`
+    (align's defaults when None); `gt` saves rebuilding the record's ground truth where the caller has
+    it (read from `record` otherwise)."""
+    cfg = cfg or AlignStage.Config()
     response = record.get("response")
     text = response if response is not None else record.get("reasoning")
     trace = evidence.parse_trace(text)
@@ -58,7 +62,7 @@ def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, nam
             problems.append(f"missing_evidence: a {task} trace needs grounded evidence the response lacks")
 
     frame_times = _frame_times(record.get("frames"))
-    gt = gt if gt is not None else GroundTruth.from_record(record, gt_tolerance_s)
+    gt = gt if gt is not None else GroundTruth.from_record(record, cfg.gt_tolerance_s)
     key_times = gt.key_times
     # flatten to one row per claimed box (a time-only claim is one row without a box)
     rows: list[dict[str, Any]] = []
@@ -93,7 +97,7 @@ def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, nam
         keys = list(unique)
         ious = box_iou([unique[k][0]["box"] for k in keys], gt_boxes)
         bonus = np.array([[name_agrees(k[0], n) for n in names] for k in keys], dtype=np.float64)
-        matching = assign_max(ious + name_weight * bonus * (ious > 0))
+        matching = assign_max(ious + cfg.name_weight * bonus * (ious > 0))
         for r, c in zip(matching.rows, matching.cols):
             for row in unique[keys[r]]:
                 row["gt_name"] = names[c]
@@ -108,7 +112,7 @@ def align_record(record: Mapping[str, Any], *, gt_tolerance_s: float = 0.25, nam
         "num_claims": len(trace.claims),
         "mean_iou": float(np.mean(ious)) if ious else None,
         "min_iou": float(np.min(ious)) if ious else None,
-        "answer_ok": None if answer_score is None else answer_score >= answer_ok_at,
+        "answer_ok": None if answer_score is None else answer_score >= cfg.answer_ok_at,
         "claims": rows,
         "verify": None,
         "problems": problems,
@@ -125,34 +129,28 @@ class AlignStage(Stage):
 
     name = "align"
     version = "1"
-    key_types = {"gt_tolerance_s": (float, int), "name_weight": (float, int), "answer_ok_at": (float, int)}
 
-    @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(config)
-        for key in ("gt_tolerance_s", "name_weight"):
-            value = config.get(key)
-            if isinstance(value, (int, float)) and value < 0:
-                problems.append(f"{key}: must be >= 0, got {value}")
-        value = config.get("answer_ok_at")
-        if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
-            problems.append(f"answer_ok_at: must lie in [0, 1], got {value}")
-        return problems
+    @dataclass(kw_only=True)
+    class Config(TruthSettings, StageConfig):
+        name_weight: float = setting(0.5, "matching maximises IoU plus this bonus for a pair whose names agree "
+                                     "(the ground-truth name's words all appear in the claimed name); 0 matches "
+                                     "on IoU alone. The stored score is always the plain IoU", ge=0)
+        answer_ok_at: float = setting(0.5, "scores.answer_ok is answer_score >= this (filter applies its own "
+                                      "per-task thresholds)", ge=0, le=1)
+
+    cfg: Config
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         table = conform(table)
-        options = {"gt_tolerance_s": float(self.config.get("gt_tolerance_s", 0.25)),
-                   "name_weight": float(self.config.get("name_weight", 0.5)),
-                   "answer_ok_at": float(self.config.get("answer_ok_at", 0.5))}
         # only what align reads is turned into Python: not the frame JPEGs, not the per-frame tracks
         times_only = pa.list_(pa.struct([("t_s", pa.float64())]))
         view = table.select([c for c in INPUT_COLUMNS if c != "ground_truth"])
         view = view.set_column(view.schema.get_field_index("frames"), "frames", view.column("frames").cast(times_only))
-        truths = GroundTruth.for_table(table, options["gt_tolerance_s"])
+        truths = GroundTruth.for_table(table, self.cfg.gt_tolerance_s)
         scores, keep, rejections = [], [], []
         for i, record in enumerate(view.to_pylist()):
             try:
-                scores.append(align_record(record, gt=truths[i], **options))
+                scores.append(align_record(record, self.cfg, gt=truths[i]))
                 keep.append(i)
             except Exception as exc:  # noqa: BLE001 - malformed ground truth: that record goes to the ledger
                 rejections.append(record_error(record, exc))

@@ -29,13 +29,16 @@ sent and cached, and the engine retries the unit (cached calls are free).
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import pyarrow as pa
 
 from pipeline.registry import register_stage
-from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_error
-from stages.backends import Backend, RequestFailed, load_backends, make_backend, run_keys
+from pipeline.settings import Settings, setting
+from pipeline.stage import ActorConfig, Rejection, Stage, StageResult, UnitContext, record_error
+from stages.backends import (Backend, BackendChoice, RequestFailed, RequestSettings, backend_parts,
+                             make_backend)
 from stages.lib import evidence
 from stages.lib.chat import ChatRequest
 from stages.lib.media import FrameReader
@@ -61,59 +64,60 @@ class AnnotateStage(Stage):
     """Question, grounded reasoning and answer per record, from one backend per actor (see module doc)."""
 
     name = "annotate"
-    env_keys: ClassVar[tuple[str, ...]] = ("api_key_env",)
     version = "1"
     actor = True
-    required_keys = ("backend", "prompts")
-    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "backend": str, "model": str, "revision": str, "batch_size": int, "max_new_tokens": int,
-        "temperature": float, "top_p": float, "seed": int, "image_max_side": int, "max_evidence": int,
-        "prompts": dict, "extra": dict,
-    }
-    # How requests are sent, not what is asked: changing these never changes a response (the cache
-    # key has the model, prompt, frames and sampling), so committed units stay valid. The backend
-    # adds its own such keys (`Backend.run_keys`).
-    fingerprint_exclude = Stage.fingerprint_exclude + ("batch_size", "api_key_env")
+
+    @dataclass(kw_only=True)
+    class Config(BackendChoice, ActorConfig):
+        """The stage's settings; the backend's own (model, endpoint, ...) come from the same block."""
+
+        prompts: dict[str, Any] = setting(help="the prompt set (conf/prompts/), composed in by the annotator "
+                                                "configs' defaults list: `prompts@annotator.prompts=v2` picks another")
+        # How requests are sent, not what is asked (the cache key has the model, prompt, frames and
+        # sampling): `run`, so changing it keeps committed units valid.
+        batch_size: int = setting(8, "requests handed to the backend at once; each batch is cached before the "
+                                     "next is sent", run=True, ge=1)
+        max_evidence: int = setting(8, "ground-truth boxes shown per record (prompt) and available to the template, "
+                                       "spread over the clip", ge=0)
+        max_new_tokens: int = setting(512, "the longest response, in tokens", ge=1)
+        temperature: float = setting(0.0, "sampling temperature (0: greedy)", ge=0)
+        top_p: float = setting(1.0, "nucleus sampling's probability mass", gt=0, le=1)
+        seed: int = setting(0, "sampling seed of every request")
+
+        def check(self) -> list[str]:
+            try:
+                PromptSet(self.prompts).check()
+            except ValueError as exc:
+                return [f"prompts: {exc}"]
+            return []
+
+    cfg: Config
 
     @classmethod
-    def excluded_keys(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
-        return super().excluded_keys(config) + run_keys(config)
-
-    @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(config)
-        if problems:
-            return problems
-        if "api_key" in config:
-            problems.append("api_key: never put a secret in the config (it is stored in the run directory); "
-                            "name the environment variable that holds it in api_key_env")
-        known = load_backends()
-        if config["backend"] not in known:
-            problems.append(f"backend: unknown backend {config['backend']!r}; known: {sorted(known)}")
-        try:
-            PromptSet(config["prompts"]).check()
-        except ValueError as exc:
-            problems.append(f"prompts: {exc}")
-        batch_size = config.get("batch_size", 8)
-        if batch_size < 1:
-            problems.append(f"batch_size: must be >= 1, got {batch_size}")
-        return problems
+    def config_parts(cls, config: Mapping[str, Any]) -> list[tuple[str, type[Settings]]]:
+        return super().config_parts(config) + backend_parts(config)
 
     def setup(self, ctx: UnitContext) -> None:
         self.backend: Backend = make_backend(self.config)
 
     @cached_property
     def prompts(self) -> PromptSet:
-        return PromptSet(self.config["prompts"])
+        return PromptSet(self.cfg.prompts)
 
     def _backend(self, ctx: UnitContext) -> Backend:
         if not hasattr(self, "backend"):
             self.setup(ctx)
         return self.backend
 
+    @cached_property
+    def asked(self) -> RequestSettings:
+        """The backend's request settings (frame size, extra sampling fields): their defaults for a
+        backend without them."""
+        return RequestSettings.build(self.config)
+
     def request_for(self, record: Mapping[str, Any], frames: FrameReader) -> ChatRequest:
         """The one chat request of a record: frames, prompt, sampling parameters, structured context."""
-        context = record_context(record, int(self.config.get("max_evidence", 8)))
+        context = record_context(record, self.cfg.max_evidence)
         if not context["question"]:
             context["question"] = write_question(context)
         context["answer"] = target_answer(context)
@@ -125,18 +129,18 @@ class AnnotateStage(Stage):
             prompt=prompt,
             images=tuple(frames.images(record)),
             system=system,
-            max_new_tokens=int(self.config.get("max_new_tokens", 512)),
-            temperature=float(self.config.get("temperature", 0.0)),
-            top_p=float(self.config.get("top_p", 1.0)),
-            seed=int(self.config.get("seed", 0)),
-            extra=dict(self.config.get("extra") or {}),
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=float(self.cfg.temperature),
+            top_p=float(self.cfg.top_p),
+            seed=self.cfg.seed,
+            extra=dict(self.asked.extra),
             context=context,
         )
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         backend = self._backend(ctx)
         records = table.to_pylist() if table is not None else []
-        frames = FrameReader(self.config.get("image_max_side"), int(self.config.get("jpeg_quality", 90)))
+        frames = FrameReader(self.asked.image_max_side, self.asked.jpeg_quality)
         rejections: list[Rejection] = []
         requests: dict[int, tuple[ChatRequest, str]] = {}
         for i, record in enumerate(records):
@@ -190,7 +194,7 @@ class AnnotateStage(Stage):
             responses = {k: entry.response for k, entry in cache.get_many(by_key).items()}
         failed: dict[str, RequestFailed] = {}
         todo = [k for k in by_key if k not in responses]
-        batch_size = int(self.config.get("batch_size", 8))
+        batch_size = self.cfg.batch_size
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             results = backend.generate_each([by_key[k] for k in chunk])

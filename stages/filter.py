@@ -1,7 +1,8 @@
 """`filter`: keep the records whose traces agree with the ground truth; ledger every reason for the rest.
 
-Each rule (`stages.lib.rules`) is a small named object in `RULES` with a threshold from config
-(`filter.rules.<name>`) and a reason string, and can be switched off (`enabled: false`). Every rule
+Each rule (`stages.lib.rules`) is a small named object in `RULES` with a reason string and its
+settings (a threshold, and `enabled`), whose defaults it declares and `filter.rules.<name>` overrides
+(`filter.rules.claim_iou.threshold=0.6`, `filter.rules.verified.enabled=true`). Every rule
 runs on every record, so a rejected record gets one ledger row per rule it failed: the ledger tells
 which rules are too strict for a model, not just which rule happened to be checked first. Rules read `scores` (written
 by `align`, and `verify` where it ran) and are vectorised over the partition with pyarrow/numpy:
@@ -9,14 +10,16 @@ thresholds change often, so re-filtering a large build must stay cheap.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.registry import register_stage
-from pipeline.stage import Rejection, Stage, StageResult, UnitContext
-from stages.lib.rules import RULES, Batch, configured_rules
+from pipeline.settings import setting
+from pipeline.stage import Rejection, Stage, StageConfig, StageResult, UnitContext
+from stages.lib.rules import Batch, configured_rules, rule_defaults, rule_problems
 from stages.lib.schema import conform
 
 
@@ -26,38 +29,33 @@ class FilterStage(Stage):
 
     name = "filter"
     version = "1"
-    key_types = {"rules": dict}
 
-    @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(config)
-        rules = config.get("rules") or {}
-        if not isinstance(rules, Mapping):
-            return problems
-        for name, entry in rules.items():
-            if name not in RULES:
-                problems.append(f"rules.{name}: unknown rule; known: {sorted(RULES)}")
-                continue
-            if not isinstance(entry, Mapping):
-                problems.append(f"rules.{name}: expected a mapping with enabled/threshold, got {entry!r}")
-                continue
-            extra = sorted(set(entry) - {"enabled", "threshold"})
-            if extra:
-                problems.append(f"rules.{name}: unknown key(s) {extra}; a rule takes enabled and threshold")
-            if "enabled" in entry and not isinstance(entry["enabled"], bool):
-                problems.append(f"rules.{name}.enabled: expected true or false, got {entry['enabled']!r}")
-            if "threshold" in entry:
-                problem = RULES[name].validate_threshold(entry["threshold"])
-                if problem:
-                    problems.append(f"rules.{name}.threshold: {problem}")
-        return problems
+    @dataclass(kw_only=True)
+    class Config(StageConfig):
+        rules: dict[str, Any] = setting(
+            factory=rule_defaults,
+            help="per rule (stages/lib/rules.py), its settings: enabled, threshold; the defaults are the rules' own")
+
+        def __post_init__(self) -> None:
+            # each rule's entry completed from its defaults, so a partial entry means the same as the
+            # whole one (and fingerprints alike); what is not a rule's entry is left for check()
+            merged = {}
+            for name, default in rule_defaults().items():
+                entry = self.rules.get(name, {})
+                merged[name] = {**default, **entry} if isinstance(entry, Mapping) else entry
+            self.rules = {**merged, **{n: e for n, e in self.rules.items() if n not in merged}}
+
+        def check(self) -> list[str]:
+            return rule_problems(self.rules)
+
+    cfg: Config
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         table = conform(table)
         batch = Batch(table)
         keep = np.ones(table.num_rows, dtype=bool)
         rejections: list[Rejection] = []
-        for rule in configured_rules(self.config):
+        for rule in configured_rules(self.cfg.rules):
             outcome = rule.check(batch)
             keep &= ~outcome.failed
             for i in np.flatnonzero(outcome.failed):

@@ -24,13 +24,15 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from typing import Any, ClassVar, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.registry import register_stage
-from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext, iter_records, record_error
+from pipeline.settings import setting
+from pipeline.stage import Reject, Rejection, Stage, StageConfig, StageResult, UnitContext, iter_records, record_error
 from stages.lib.geometry import has_positive_area, is_inside
 from stages.lib.media import DecodeError, Probe, decode, encode_jpeg, open_video, probe_video
 from stages.lib.schema import frame_image, to_table
@@ -40,34 +42,34 @@ from stages.lib.schema import frame_image, to_table
 class SampleStage(Stage):
     """Probe, validate ground truth, choose clip and frames (decord), optionally embed JPEGs."""
 
-    name: ClassVar[str] = "sample"
-    version: ClassVar[str] = "1"
-    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "fps": float, "max_frames": int, "min_frames": int, "clip_max_s": float, "clip_padding_s": float,
-        "embed_jpeg": bool, "jpeg_quality": int, "jpeg_max_side": int, "decode_threads": int,
-        "box_tolerance": float, "duration_tolerance_s": float,
-    }
+    name = "sample"
+    version = "1"
 
-    @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(config)
-        if problems:
-            return problems
-        checks = [("fps", lambda v: v > 0, "must be > 0"), ("max_frames", lambda v: v >= 1, "must be >= 1"),
-                  ("min_frames", lambda v: v >= 1, "must be >= 1"), ("clip_max_s", lambda v: v > 0, "must be > 0"),
-                  ("clip_padding_s", lambda v: v >= 0, "must be >= 0"),
-                  ("jpeg_quality", lambda v: 1 <= v <= 100, "must be in [1, 100]"),
-                  ("jpeg_max_side", lambda v: v >= 16, "must be >= 16")]
-        for key, ok, message in checks:
-            if config.get(key) is not None and not ok(config[key]):
-                problems.append(f"{key}: {message}, got {config[key]!r}")
-        if config.get("min_frames", 1) > config.get("max_frames", 32):
-            problems.append(f"min_frames: must be <= max_frames ({config.get('max_frames', 32)}), got {config['min_frames']}")
-        return problems
+    @dataclass(kw_only=True)
+    class Config(StageConfig):
+        fps: float = setting(2.0, "uniform frames per second over the clip", gt=0)
+        max_frames: int = setting(32, "cap on frames per record, key frames included", ge=1)
+        min_frames: int = setting(4, "at least this many uniform frames, however short the clip", ge=1)
+        clip_max_s: float = setting(120.0, "a longer video (or adapter bound) gets a window of this length around "
+                                           "the evidence", gt=0)
+        clip_padding_s: float = setting(2.0, "seconds kept on each side of the evidence when the window is narrowed",
+                                        ge=0)
+        embed_jpeg: bool = setting(True, "store each chosen frame as JPEG bytes, so shards are self-contained")
+        jpeg_quality: int = setting(90, "JPEG quality of an embedded frame", ge=1, le=100)
+        jpeg_max_side: int = setting(640, "longest side of an embedded JPEG (boxes are normalised, so unaffected)",
+                                     ge=16)
+        decode_threads: int = setting(1, "decord threads per task; parallelism comes from Ray tasks", ge=1)
+        box_tolerance: float = setting(0.01, "a box may exceed the frame by this much (normalised) before it is "
+                                             "rejected", ge=0)
+        duration_tolerance_s: float = setting(1.0, "a video shorter than its declared duration by more than this is "
+                                                   "truncated", ge=0)
 
-    def cfg(self, key: str, default: Any) -> Any:
-        value = self.config.get(key)
-        return default if value is None else value
+        def check(self) -> list[str]:
+            if self.min_frames > self.max_frames:
+                return [f"min_frames: must be <= max_frames ({self.max_frames}), got {self.min_frames}"]
+            return []
+
+    cfg: Config
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         groups: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
@@ -87,7 +89,7 @@ class SampleStage(Stage):
         pending = records  # the records not yet ledgered, which a failure of the video costs
         try:
             with _local_copy(uri) as path:
-                probe, reader = _open(uri, path, int(self.cfg("decode_threads", 1)))
+                probe, reader = _open(uri, path, self.cfg.decode_threads)
                 plans: list[tuple[dict[str, Any], tuple[float, float], np.ndarray]] = []
                 for record in records:
                     try:
@@ -122,7 +124,7 @@ class SampleStage(Stage):
         uri, rid, label = probe.uri, record.get("id"), record.get("source_id") or record.get("id")
         frame_s = 1.0 / probe.fps if probe.fps > 0 else 0.0
         tol_t = frame_s + 1e-6
-        tol_box = float(self.cfg("box_tolerance", 0.01))
+        tol_box = float(self.cfg.box_tolerance)
         times: list[tuple[str, float]] = []
         boxes: list[tuple[str, float, list[float]]] = []
         span = record.get("answer_span")
@@ -162,7 +164,7 @@ class SampleStage(Stage):
                         rid, rule, f"{uri}: record {label}: {bad.size} box(es) {what}, first {field} at {t} s = {box}",
                         value=box, threshold=tol_box if rule == "box_outside_frame" else None, file=uri, record=label))
         declared = record.get("media") or {}
-        tolerance = float(self.cfg("duration_tolerance_s", 1.0))
+        tolerance = float(self.cfg.duration_tolerance_s)
         if declared.get("duration_s") and declared["duration_s"] > probe.duration_s + tolerance:
             problems.append(Rejection(
                 rid, "truncated_media", f"{uri}: record {label}: the video lasts {probe.duration_s:.3f} s but the "
@@ -183,11 +185,11 @@ class SampleStage(Stage):
         if evidence.size:  # the adapter's bound never hides the ground truth
             lo, hi = min(lo, float(evidence.min())), max(hi, float(evidence.max()))
         start, end = self._window(record, lo, hi, evidence)
-        max_frames = int(self.cfg("max_frames", 32))
+        max_frames = self.cfg.max_frames
         keys = np.unique(probe.nearest(key_times)) if key_times.size else np.zeros(0, dtype=np.int64)
         if keys.size > max_frames:
             keys = keys[np.linspace(0, keys.size - 1, max_frames).round().astype(np.int64)]
-        wanted = max(int(self.cfg("min_frames", 4)), math.ceil((end - start) * float(self.cfg("fps", 2.0))))
+        wanted = max(self.cfg.min_frames, math.ceil((end - start) * float(self.cfg.fps)))
         count = max(0, min(wanted, max_frames - keys.size))
         first = min(int(np.searchsorted(probe.starts, start - 1e-6)), probe.num_frames - 1)
         last = max(first, int(np.searchsorted(probe.starts, end, side="right")) - 1)
@@ -200,10 +202,10 @@ class SampleStage(Stage):
         return (round(start, 6), round(end, 6)), indices
 
     def _window(self, record: dict[str, Any], lo: float, hi: float, evidence: np.ndarray) -> tuple[float, float]:
-        clip_max = float(self.cfg("clip_max_s", 120.0))
+        clip_max = float(self.cfg.clip_max_s)
         if hi - lo <= clip_max:
             return lo, hi
-        pad = float(self.cfg("clip_padding_s", 2.0))
+        pad = float(self.cfg.clip_padding_s)
         if not evidence.size:  # nothing to centre on: a window from the start of the bound
             return lo, lo + clip_max
         need_lo, need_hi = max(lo, float(evidence.min()) - pad), min(hi, float(evidence.max()) + pad)
@@ -216,8 +218,7 @@ class SampleStage(Stage):
 
     def _decode(self, reader: Any, probe: Probe, indices: np.ndarray) -> dict[int, bytes | None]:
         """Decode the frames (sorted, in chunks) and JPEG-encode them if configured."""
-        embed = bool(self.cfg("embed_jpeg", True))
-        side, quality = int(self.cfg("jpeg_max_side", 640)), int(self.cfg("jpeg_quality", 90))
+        embed, side, quality = self.cfg.embed_jpeg, self.cfg.jpeg_max_side, self.cfg.jpeg_quality
         out: dict[int, bytes | None] = {}
         try:
             for index, frame in decode(reader, indices.tolist()):

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import posixpath
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -34,7 +35,8 @@ import yaml
 
 from pipeline.registry import register_stage
 from pipeline.rundir import RunDir
-from pipeline.stage import LEDGER_SCHEMA, Rejection, Stage, StageReport, StageResult, UnitContext
+from pipeline.settings import setting
+from pipeline.stage import LEDGER_SCHEMA, Rejection, Stage, StageConfig, StageReport, StageResult, UnitContext
 from stages.lib.card import dataset_card, parquet_metadata
 from stages.lib.dataset import count_rows, ledger_counts, listing, read_ledger, source_yield, unlisted_files
 from stages.lib.schema import PROVENANCE, RECORD_SCHEMA, SCHEMA_VERSION, SETS, conform
@@ -140,42 +142,46 @@ class ShardStage(Stage):
     name = "shard"
     version = "2"
     needs_all_input = True
-    key_types = {"rl_fraction": (float, int), "salt": str, "target_shard_mb": (float, int),
-                 "compression": str, "output": str, "allow_empty": bool, "license": str}
 
-    @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(config)
-        rl = config.get("rl_fraction", 0.5)
-        if isinstance(rl, (int, float)) and not 0.0 <= rl <= 1.0:
-            problems.append(f"rl_fraction: must lie in [0, 1], got {rl}")
-        size = config.get("target_shard_mb", 256)
-        if isinstance(size, (int, float)) and size <= 0:
-            problems.append(f"target_shard_mb: must be positive, got {size}")
-        output = config.get("output", "dataset")
-        if isinstance(output, str) and (not output or "/" in output or output.startswith(".")):
-            problems.append(f"output: must be a plain folder name under the run directory, got {output!r}")
-        return problems
+    @dataclass(kw_only=True)
+    class Config(StageConfig):
+        rl_fraction: float = setting(0.5, "share of records that go to stgr-rl (RL), the rest to stgr-cot (SFT), "
+                                          "drawn from a stable hash of (salt, id): a record stays in its split "
+                                          "across rebuilds", ge=0, le=1)
+        salt: str = setting("", "change it to draw a different (still stable) split")
+        target_shard_mb: float = setting(256, "target size of one Parquet shard, in MiB of in-memory Arrow data "
+                                              "(files are smaller: zstd)", gt=0)
+        compression: str = setting("zstd", "Parquet compression codec")
+        output: str = setting("dataset", "folder under the run directory that receives stgr-cot/, stgr-rl/, "
+                                         "manifest.json and README.md")
+        allow_empty: bool = setting(False, "an empty dataset (every record rejected) fails the build with exit 3 and "
+                                           "the ledger's top rules; true accepts it (a probe of a filter threshold)")
+        license: str | None = setting(None, "the dataset card's licence (a Hugging Face licence id such as "
+                                            "cc-by-4.0, or other); null: the sources' own, each listed in the card")
+
+        def check(self) -> list[str]:
+            if not self.output or "/" in self.output or self.output.startswith("."):
+                return [f"output: must be a plain folder name under the run directory, got {self.output!r}"]
+            return []
+
+    cfg: Config
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         table = conform(table if table is not None else RECORD_SCHEMA.empty_table())
         table, rejections = drop_duplicate_ids(table)
         table = table.sort_by("id")
         ids = table.column("id")
-        splits = split_of(ids.combine_chunks(), float(self.config.get("rl_fraction", 0.5)),
-                          str(self.config.get("salt", "") or ""))
+        splits = split_of(ids.combine_chunks(), float(self.cfg.rl_fraction), self.cfg.salt)
         table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
         table = _with_provenance(table, ctx)
         own = pa.Table.from_pylist([r.as_row(ctx.stage, ctx.attempt) for r in rejections], schema=LEDGER_SCHEMA)
         manifest = self.write_dataset(table, ctx, own)
-        output = str(self.config.get("output", "dataset"))
-        report = build_report(manifest, posixpath.join(ctx.run_uri, output), bool(self.config.get("allow_empty", False)),
-                              ctx.stage)
+        report = build_report(manifest, posixpath.join(ctx.run_uri, self.cfg.output), self.cfg.allow_empty, ctx.stage)
         return StageResult(table, rejections, report=report)
 
     def published(self, ctx: UnitContext) -> bool:
         """The dataset folder holds this unit's dataset, complete (see `dataset_problems`)."""
-        final = posixpath.join(ctx.run_path, str(self.config.get("output", "dataset")))
+        final = posixpath.join(ctx.run_path, self.cfg.output)
         manifest = _existing_manifest(ctx.filesystem, final)
         return manifest is not None and not dataset_problems(ctx.filesystem, final, manifest, ctx.fingerprint)
 
@@ -196,12 +202,12 @@ class ShardStage(Stage):
         one, listed whole by the manifest in place; the debris is deleted by the next publication.
         """
         run = RunDir(ctx.run_uri, ctx.filesystem, ctx.run_path)
-        output = str(self.config.get("output", "dataset"))
+        output = self.cfg.output
         existing = _existing_manifest(run.fs, run.join(output))
         if existing is not None and not dataset_problems(run.fs, run.join(output), existing, ctx.fingerprint):
             return existing  # this unit's dataset is already in place: writing again would change nothing
-        compression = str(self.config.get("compression", "zstd"))
-        target = float(self.config.get("target_shard_mb", 256)) * 2**20
+        compression = self.cfg.compression
+        target = float(self.cfg.target_shard_mb) * 2**20
         present = listing(run.fs, run.join(output))
         splits_info: dict[str, Any] = {}
         for name in SETS:
@@ -240,7 +246,7 @@ class ShardStage(Stage):
             # dataset is the run's current plan's, so its shards are withdrawn and nothing is listed
             _remove_unlisted(run, output, _existing_manifest(run.fs, run.join(output)))
             return manifest
-        card = dataset_card(manifest, _example(table), self.config.get("license") or None)
+        card = dataset_card(manifest, _example(table), self.cfg.license or None)
         run.write_atomic(f"{output}/README.md", card.encode())
         run.write_atomic(f"{output}/manifest.json", json.dumps(manifest, indent=2, sort_keys=False, default=str).encode())
         _remove_unlisted(run, output, manifest)

@@ -11,12 +11,14 @@ that fails, or whose adapter raises, is one ledger row and the partition goes on
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import pyarrow as pa
 
 from pipeline.registry import register_stage
-from pipeline.stage import Reject, Rejection, Stage, StageResult, UnitContext
+from pipeline.settings import Settings, setting
+from pipeline.stage import Reject, Rejection, Stage, StageConfig, StageResult, UnitContext
 from stages.lib.schema import to_table
 from stages.sources.base import Adapter, get_adapter
 
@@ -25,31 +27,32 @@ from stages.sources.base import Adapter, get_adapter
 class SourceStage(Stage):
     """Seed records from one dataset (or the synthetic generator), `records_per_partition` entries each."""
 
-    name: ClassVar[str] = "source"
-    version: ClassVar[str] = "1"
-    source: ClassVar[bool] = True
-    required_keys: ClassVar[tuple[str, ...]] = ("adapter",)
-    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {"adapter": str, "records_per_partition": int,
-                                                                   "allow_outside_video_dir": bool}
-    path_keys: ClassVar[tuple[str, ...]] = ("annotations", "video_dir", "media_dir", "trajectories_dir")
+    name = "source"
+    version = "1"
+    source = True
+
+    @dataclass(kw_only=True)
+    class Config(StageConfig):
+        """The stage's settings; the adapter's own (its files, ...) come from the same block."""
+
+        adapter: str = setting(help="the source adapter (stages/sources): the dataset format read")
+        records_per_partition: int = setting(16, "annotation entries per partition (a synthetic scene is one entry)",
+                                             ge=1)
+
+    cfg: Config
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.adapter: Adapter = get_adapter(str(self.config["adapter"]))(self.config)
+        self.adapter: Adapter = get_adapter(self.cfg.adapter, "adapter")(self.config)
 
     @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(config)
-        if problems:
-            return problems
-        per_partition = config.get("records_per_partition", 16)
-        if per_partition < 1:
-            problems.append(f"records_per_partition: must be >= 1, got {per_partition}")
-        return problems + get_adapter(str(config["adapter"])).validate_config(config)
+    def config_parts(cls, config: Mapping[str, Any]) -> list[tuple[str, type[Settings]]]:
+        adapter = get_adapter(config.get("adapter"), "adapter")
+        return super().config_parts(config) + [(f"source adapter '{adapter.name}'", adapter.Config)]
 
     @property
     def per_partition(self) -> int:
-        return int(self.config.get("records_per_partition", 16))
+        return self.cfg.records_per_partition
 
     def plan(self) -> int:
         return max(1, math.ceil(len(self.adapter.entries()) / self.per_partition))

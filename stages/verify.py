@@ -19,19 +19,21 @@ Responses are cached under `<run>/cache/verify/` like annotate's, so a resumed b
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.registry import register_stage
-from pipeline.stage import Rejection, Stage, StageResult, UnitContext, record_error
-from stages.backends import Backend, RequestFailed, make_backend, run_keys
+from pipeline.settings import Settings, setting
+from pipeline.stage import ActorConfig, Rejection, Stage, StageResult, UnitContext, record_error
+from stages.backends import Backend, BackendChoice, RequestFailed, backend_parts, make_backend
 from stages.lib.chat import ChatRequest, LabelledImage
 from stages.lib.media import FrameReader, crop
 from stages.lib.response_cache import ResponseCache
 from stages.lib.schema import SCORES, conform
-from stages.lib.truth import GroundTruth, check_time
+from stages.lib.truth import GroundTruth, TruthSettings, check_time
 
 CACHE_SUBDIR = "cache/verify"
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
@@ -52,29 +54,32 @@ class VerifyStage(Stage):
     """Crop every claimed box, ask the VLM about it, record the verdicts in `scores`."""
 
     name = "verify"
-    env_keys: ClassVar[tuple[str, ...]] = ("api_key_env",)
     version = "1"
     actor = True
-    required_keys = ("backend", "prompt")
-    key_types: ClassVar[Mapping[str, type | tuple[type, ...]]] = {
-        "backend": str, "model": str, "prompt": str, "padding": (float, int), "min_side": int,
-        "batch_size": int, "max_new_tokens": int, "gt_tolerance_s": (float, int),
-    }
-    fingerprint_exclude = Stage.fingerprint_exclude + ("batch_size", "api_key_env")
+
+    @dataclass(kw_only=True)
+    class Config(TruthSettings, BackendChoice, ActorConfig):
+        """The stage's settings; the backend's own (model, endpoint, ...) come from the same block."""
+
+        prompt: str = setting("Is this a {object}? Answer yes or no.",
+                              "the question about each crop; {object} is replaced by the claimed name, and the "
+                              "first yes or no in the answer is the verdict")
+        padding: float = setting(0.1, "the crop grows by this fraction of the box's size on each side", ge=0)
+        min_side: int = setting(28, "a crop is upscaled to at least this many pixels on its shorter side", ge=1)
+        max_new_tokens: int = setting(8, "the longest answer, in tokens", ge=1)
+        batch_size: int = setting(16, "requests handed to the backend at once; each batch is cached before the "
+                                      "next is sent", run=True, ge=1)
+
+        def check(self) -> list[str]:
+            if "{object}" not in self.prompt:
+                return [f"prompt: must contain {{object}} (the claimed name), got {self.prompt!r}"]
+            return []
+
+    cfg: Config
 
     @classmethod
-    def excluded_keys(cls, config: Mapping[str, Any]) -> tuple[str, ...]:
-        return super().excluded_keys(config) + run_keys(config)
-
-    @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        problems = super().validate_config(config)
-        prompt = config.get("prompt")
-        if isinstance(prompt, str) and "{object}" not in prompt:
-            problems.append(f"prompt: must contain {{object}} (the claimed name), got {prompt!r}")
-        if "api_key" in config:
-            problems.append("api_key: never put a secret in the config; name its environment variable in api_key_env")
-        return problems
+    def config_parts(cls, config: Mapping[str, Any]) -> list[tuple[str, type[Settings]]]:
+        return super().config_parts(config) + backend_parts(config)
 
     def setup(self, ctx: UnitContext) -> None:
         self.backend: Backend = make_backend(self.config)
@@ -82,7 +87,7 @@ class VerifyStage(Stage):
     def _requests(self, record: Mapping[str, Any], reader: FrameReader) -> dict[int, ChatRequest]:
         """Claim index -> the request about its crop, for every claim with a box and a moment."""
         claims = (record.get("scores") or {}).get("claims") or []
-        key_times = GroundTruth.from_record(record, float(self.config.get("gt_tolerance_s", 0.25))).key_times
+        key_times = GroundTruth.from_record(record, self.cfg.gt_tolerance_s).key_times
         when = {j: check_time(c, key_times) for j, c in enumerate(claims) if c.get("box") is not None}
         when = {j: t for j, t in when.items() if t is not None}
         if not when:
@@ -93,12 +98,11 @@ class VerifyStage(Stage):
         requests = {}
         for j, t in when.items():
             frame = images[int(np.argmin(np.abs(times - t)))]
-            image = crop(frame.jpeg, claims[j]["box"], float(self.config.get("padding", 0.1)),
-                         int(self.config.get("min_side", 28)))
+            image = crop(frame.jpeg, claims[j]["box"], float(self.cfg.padding), self.cfg.min_side)
             requests[j] = ChatRequest(
-                prompt=str(self.config["prompt"]).format(object=claims[j]["name"]),
+                prompt=self.cfg.prompt.format(object=claims[j]["name"]),
                 images=(LabelledImage(jpeg=image),),
-                max_new_tokens=int(self.config.get("max_new_tokens", 8)),
+                max_new_tokens=self.cfg.max_new_tokens,
                 temperature=0.0,
                 context={"task": "verify", "object": claims[j]["name"], "id": record.get("id"), "claim": j},
             )
@@ -110,7 +114,7 @@ class VerifyStage(Stage):
         answers = {k: e.response for k, e in cache.get_many(by_key).items()} if cache is not None else {}
         failed: dict[str, RequestFailed] = {}
         todo = [k for k in by_key if k not in answers]
-        size = int(self.config.get("batch_size", 8))
+        size = self.cfg.batch_size
         for start in range(0, len(todo), size):
             chunk = todo[start:start + size]
             for key, result in zip(chunk, self.backend.generate_each([by_key[k] for k in chunk]), strict=True):

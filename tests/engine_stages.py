@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.registry import register_stage
-from pipeline.stage import Rejection, RecordStage, Stage, StageResult, UnitContext
+from pipeline.settings import setting
+from pipeline.stage import ActorConfig, Rejection, RecordStage, Stage, StageConfig, StageResult, UnitContext
 
 
-def _mark(config: dict[str, Any], ctx: UnitContext) -> None:
-    marks = config.get("marks_dir")
+@dataclass(kw_only=True)
+class TestConfig(StageConfig):
+    """What every test stage takes: CPU work per unit and a folder for its markers."""
+
+    work_s: float = setting(0.0, "seconds of CPU work per unit")
+    marks_dir: str | None = setting(None, "folder that receives a marker file per execution")
+
+
+def _mark(cfg: TestConfig, ctx: UnitContext) -> None:
+    marks = cfg.marks_dir
     if marks:
         Path(marks).mkdir(parents=True, exist_ok=True)
         (Path(marks) / f"{ctx.stage}-{ctx.partition:05d}-{time.time_ns()}-{uuid.uuid4().hex[:6]}").touch()
 
 
-def _work(config: dict[str, Any]) -> None:
+def _work(cfg: TestConfig) -> None:
     """Burn CPU (not sleep) so engine overhead is measured against real work."""
-    deadline = time.perf_counter() + float(config.get("work_s", 0.0))
+    deadline = time.perf_counter() + cfg.work_s
     x = 0
     while time.perf_counter() < deadline:
         x += 1
@@ -38,56 +48,67 @@ def _work(config: dict[str, Any]) -> None:
 class Numbers(Stage):
     name = "test_numbers"
     source = True
-    required_keys = ("partitions", "rows")
-    key_types = {"partitions": int, "rows": int, "work_s": float}
-    env_keys = ("secret_env",)
+
+    @dataclass(kw_only=True)
+    class Config(TestConfig):
+        partitions: int = setting(help="partitions to make")
+        rows: int = setting(help="rows per partition")
+        secret_env: str | None = setting(None, "an environment variable the workers need", env=True)
 
     def plan(self) -> int:
-        return int(self.config["partitions"])
+        return self.cfg.partitions
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
-        _mark(self.config, ctx)
-        _work(self.config)
-        n = int(self.config["rows"])
+        _mark(self.cfg, ctx)
+        _work(self.cfg)
+        n = self.cfg.rows
         start = ctx.partition * n
         values = list(range(start, start + n))
         columns = {"id": [f"r{v:06d}" for v in values], "value": values}
-        if self.config.get("secret_env"):
-            columns["secret_seen"] = [bool(os.environ.get(self.config["secret_env"]))] * n
+        if self.cfg.secret_env:
+            columns["secret_seen"] = [bool(os.environ.get(self.cfg.secret_env))] * n
         return StageResult(pa.table(columns))
 
 
 @register_stage
 class Scale(RecordStage):
     name = "test_scale"
-    key_types = {"factor": int, "fail_every": int, "die_on_partition": int, "work_s": float}
+
+    @dataclass(kw_only=True)
+    class Config(TestConfig):
+        factor: int = setting(2, "what each value is multiplied by")
+        fail_every: int | None = setting(None, "raise on every value v with v % n == n - 1")
+        die_on_partition: int | None = setting(None, "kill the worker on this partition")
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
-        _mark(self.config, ctx)
-        _work(self.config)
-        if self.config.get("die_on_partition") == ctx.partition:
+        _mark(self.cfg, ctx)
+        _work(self.cfg)
+        if self.cfg.die_on_partition == ctx.partition:
             os._exit(1)
         return super().process(table, ctx)
 
     def process_record(self, record: dict[str, Any], ctx: UnitContext) -> dict[str, Any]:
-        every = self.config.get("fail_every")
+        every = self.cfg.fail_every
         if every and record["value"] % every == every - 1:
             raise ValueError(f"value {record['value']} is unlucky")
-        return {**record, "value": record["value"] * int(self.config.get("factor", 2))}
+        return {**record, "value": record["value"] * self.cfg.factor}
 
 
 @register_stage
 class Threshold(Stage):
     name = "test_threshold"
-    key_types = {"min_value": int, "work_s": float}
+
+    @dataclass(kw_only=True)
+    class Config(TestConfig):
+        min_value: int = setting(0, "values below it are rejected")
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
-        _mark(self.config, ctx)
-        _work(self.config)
-        keep = pc.greater_equal(table["value"], int(self.config.get("min_value", 0)))
+        _mark(self.cfg, ctx)
+        _work(self.cfg)
+        keep = pc.greater_equal(table["value"], self.cfg.min_value)
         rejected = table.filter(pc.invert(keep))
         rejections = [Rejection(id=i, rule="min_value", reason="value below min_value", value=v,
-                                threshold=self.config.get("min_value"))
+                                threshold=self.cfg.min_value)
                       for i, v in zip(rejected["id"].to_pylist(), rejected["value"].to_pylist())]
         return StageResult(table.filter(keep), rejections)
 
@@ -98,7 +119,7 @@ class Total(Stage):
     needs_all_input = True
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
-        _mark(self.config, ctx)
+        _mark(self.cfg, ctx)
         return StageResult(pa.table({"id": ["total"], "rows": [table.num_rows],
                                      "sum": [int(pc.sum(table["value"]).as_py() or 0)]}))
 
@@ -110,8 +131,12 @@ class ActorScale(Scale):
     name = "test_actor_scale"
     actor = True
 
+    @dataclass(kw_only=True)
+    class Config(ActorConfig, Scale.Config):
+        pass
+
     def setup(self, ctx: UnitContext) -> None:
-        marks = self.config.get("marks_dir")
+        marks = self.cfg.marks_dir
         if marks:
             Path(marks).mkdir(parents=True, exist_ok=True)
             (Path(marks) / f"setup-{os.getpid()}-{uuid.uuid4().hex[:6]}").touch()

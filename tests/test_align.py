@@ -75,7 +75,7 @@ def test_names_break_ties_between_overlapping_objects():
     think = "<obj>the cat</obj><box>[0.1,0.1,0.5,0.5]</box>at<t>1</t>s near <obj>a dog</obj><box>[0.1,0.1,0.5,0.52]</box>at<t>1</t>s"
     s = align_record(make_record(ground_truth=None, key_frames=kf, response=_response(think)))
     assert [c["gt_name"] for c in s["claims"]] == ["cat", "dog"]
-    s = align_record(make_record(ground_truth=None, key_frames=kf, response=_response(think)), name_weight=0.0)
+    s = align_record(make_record(ground_truth=None, key_frames=kf, response=_response(think)), AlignStage.Config(name_weight=0.0))
     assert [c["gt_name"] for c in s["claims"]] == ["dog", "cat"]
     assert name_agrees("the big red circle", "red circle") and not name_agrees("circle", "red circle")
 

@@ -30,12 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def annotator_config(name: str, **overrides) -> dict:
     """conf/annotator/<name>.yaml composed by Hydra (prompts included), as a build resolves it."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name=f"annotator/{name}")
-    config = OmegaConf.to_container(cfg, resolve=True)["annotator"]
+    from pipeline.config import compose
+
+    config = OmegaConf.to_container(compose(config_name=f"annotator/{name}"), resolve=True)["annotator"]
     config.update(overrides)
     return config
 

@@ -307,7 +307,7 @@ def test_backend_reports_unrecoverable_and_transient_failures_per_request(tiny_m
 
 
 def test_how_requests_are_sent_stays_out_of_every_model_stage_fingerprint():
-    """The openai backend's own how-to-run keys (`run_keys`) leave annotate's and verify's fingerprints
+    """The openai backend's own how-to-run settings (marked `run`) leave annotate's and verify's fingerprints
     alone, so moving a build to a faster endpoint reuses its committed units; what is asked does not."""
     from pipeline.fingerprint import stage_fingerprint
     from stages.verify import VerifyStage

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
+from pipeline.config import compose
 from pipeline.testing import unit_context
 from stages.align import AlignStage
 from stages.filter import FilterStage
@@ -12,7 +13,8 @@ from stages.lib.rules import RULES
 from stages.lib.schema import to_table
 from tests.record_factory import circle_box, make_record
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "filter" / "default.yaml"
+#: The filter block of the default build, as Hydra composes it from conf/ (the rules' own defaults).
+CONF = OmegaConf.to_container(compose()["filter"], resolve=True)
 
 
 def _claim(box, iou=1.0, t=1.0, name="red circle"):
@@ -32,7 +34,7 @@ GOOD = [0.3, 0.2, 0.5, 0.5]
 
 
 def _run(records, config=None, tmp_path=Path("/tmp")):
-    return FilterStage(config or yaml.safe_load(CONF.read_text())).process(to_table(records), unit_context(tmp_path, stage="filter"))
+    return FilterStage(config or CONF).process(to_table(records), unit_context(tmp_path, stage="filter"))
 
 
 def test_each_rule_rejects_what_it_names(tmp_path):
@@ -105,16 +107,18 @@ def test_unverifiable_claims_and_answers_pass(tmp_path):
 
 
 def test_config_defaults_match_the_rules_and_validation(tmp_path):
-    conf = yaml.safe_load(CONF.read_text())
-    assert set(conf["rules"]) == set(RULES)
-    for name, entry in conf["rules"].items():
-        assert entry["threshold"] == RULES[name].threshold and entry["enabled"] == RULES[name].enabled
-    assert FilterStage.validate_config(conf) == []
+    assert set(CONF["rules"]) == set(RULES)
+    for name, entry in CONF["rules"].items():
+        defaults = RULES[name].Config()
+        assert entry["threshold"] == defaults.threshold and entry["enabled"] == defaults.enabled
+    assert FilterStage.validate_config(CONF) == []
     problems = FilterStage.validate_config({"rules": {"nope": {}, "claim_iou": {"threshold": "high", "enable": True},
                                                  "answer_agrees": {"threshold": {"temporal": "x", "talk": 1}}}})
     assert any(p.startswith("rules.nope: unknown rule") for p in problems)
-    assert any(p.startswith("rules.claim_iou: unknown key(s) ['enable']") for p in problems)
-    assert any(p.startswith("rules.claim_iou.threshold: expected a number") for p in problems)
+    assert any(p.startswith("rules.claim_iou.enable: unknown key") and "did you mean enabled?" in p for p in problems)
+    assert any(p.startswith("rules.claim_iou.threshold: expected float, got str 'high'") for p in problems)
+    assert any(p.startswith("rules.answer_agrees.threshold: expected float or a mapping to float") for p in problems)
+    problems = FilterStage.validate_config({"rules": {"answer_agrees": {"threshold": {"temporal": 0.5, "talk": 1}}}})
     assert any(p.startswith("rules.answer_agrees.threshold: unknown task(s) ['talk']") for p in problems)
 
 
@@ -127,7 +131,7 @@ def test_align_then_filter_on_real_traces(tmp_path):
                make_record(1, answer=None, answer_span=[0.0, 5.0], response=wrong),
                make_record(2, answer=None, answer_span=[0.0, 5.0], response="I cannot see the video.")]
     aligned = AlignStage({}).process(to_table(records), unit_context(tmp_path, stage="align")).table
-    result = FilterStage(yaml.safe_load(CONF.read_text())).process(aligned, unit_context(tmp_path, stage="filter"))
+    result = FilterStage(CONF).process(aligned, unit_context(tmp_path, stage="filter"))
     assert result.table.column("id").to_pylist() == [records[0]["id"]]
     rules = {(r.id, r.rule) for r in result.rejections}
     assert (records[1]["id"], "claim_iou") in rules

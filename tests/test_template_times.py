@@ -35,12 +35,11 @@ load_plugins()  # the built-in stages, registered as a build registers them
 
 def _config(**overrides: str) -> dict[str, Any]:
     """The build config composed by Hydra from conf/build.yaml, as `stgr build` resolves it."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="build", overrides=[f"{k}={v}" for k, v in overrides.items()])
-    return OmegaConf.to_container(cfg, resolve=True)
+    from pipeline.config import compose
+
+    return OmegaConf.to_container(compose([f"{k}={v}" for k, v in overrides.items()]), resolve=True)
 
 
 def _judge(config: dict[str, Any], table: Any, run: Path) -> tuple[list[dict], list[Any]]:
@@ -178,9 +177,9 @@ def test_time_check_allows_exactly_the_rounding_of_the_written_digits(tmp_path: 
         records.append({"id": rid, "task": "general_free", "clip_window": CLIP, "frames": [{"t_s": 18.018}],
                         "answer": "an adult", "response": response})
     table = get_stage("align")(_config()["align"]).process(to_table(records), unit_context(tmp_path)).table
-    outcome = TimeInClip(0.0).check(Batch(table))
+    outcome = TimeInClip(TimeInClip.Config()).check(Batch(table))
     assert dict(zip(table.column("id").to_pylist(), outcome.failed.tolist())) == {
         "end-rounded": False, "past-end": True, "start-rounded": False}
     assert CANONICAL.time_tolerance() == pytest.approx(0.005)
     # a configured slack adds to it: 18.03 s is 0.012 s past the end, inside 0.01 + 0.005
-    assert TimeInClip(0.01).check(Batch(table)).failed.tolist() == [False, False, False]
+    assert TimeInClip(TimeInClip.Config(threshold=0.01)).check(Batch(table)).failed.tolist() == [False, False, False]

@@ -71,6 +71,7 @@ def test_a_real_tiny_vlm_answers_about_the_crops(tmp_path, tiny_model_dir):
 
 
 def test_config_validation():
-    problems = VerifyStage.validate_config({"backend": "replay", "prompt": "Is it there?", "api_key": "x"})
+    problems = VerifyStage.validate_config({"backend": "replay", "completions": "c.jsonl", "prompt": "Is it there?",
+                                            "api_key": "x"})
     assert [p.split(":")[0] for p in problems] == ["prompt", "api_key"]
     assert VerifyStage.validate_config({"prompt": PROMPT})[0].startswith("backend: required")

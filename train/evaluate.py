@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import compose
 from pipeline.errors import ConfigError, InputError
-from stages.backends import Backend, make_backend
+from stages.backends import make_backend
 from stages.lib.render import FramePolicy
 from train.eval.judge import JudgeCalls
 from train.eval.mcq_data import FORMATS as MCQ_FORMATS, detect_format as detect_mcq_format
@@ -75,13 +75,6 @@ def judge_backend_config(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"backend": judge["backend"], "model": judge.get("model"), **dict(judge.get("options") or {})}
 
 
-def _build_backend(config: Mapping[str, Any], what: str) -> Backend:
-    try:
-        return make_backend(config)
-    except KeyError as exc:
-        raise ConfigError(f"{what}: {exc.args[0] if exc.args else exc}") from exc
-
-
 def detect_format(cfg: Mapping[str, Any]) -> str:
     """`data.format`, or for `auto`: a benchmark in its published layout, a V-STaR file, else an
     STGR split (the generic multiple-choice format `mcq` is never guessed: it needs `mcq.fields`)."""
@@ -127,10 +120,10 @@ def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = 
                  "vstar": cfg["vstar"], "tts": cfg["tts"]}
     if fmt in MCQ_FORMATS:
         model_key["mcq"] = {k: cfg["mcq"].get(k) for k in ("instruction", "hints")}
-    backend = _build_backend(model_backend_config(cfg), "backend")
+    backend = make_backend(model_backend_config(cfg), "backend")
     runner = Runner(backend, CompletionStore(out, fingerprint(model_key)), int(cfg["generation"]["batch_size"]))
     judge_config = judge_backend_config(cfg)
-    judge_backend = backend if judge_config is None else _build_backend(judge_config, "judge.backend")
+    judge_backend = backend if judge_config is None else make_backend(judge_config, "judge.backend")
     judge_key = {"judge": cfg["judge"], "model": model_key if judge_config is None else judge_config}
     judge_runner = Runner(judge_backend, CompletionStore(out, "judge-" + fingerprint(judge_key)),
                           int(cfg["generation"]["batch_size"]))

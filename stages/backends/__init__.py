@@ -2,14 +2,18 @@
 
 A backend turns chat requests (`stages.lib.chat.ChatRequest`: text plus frames labelled with their
 times) into completions. The annotator, the verifier and `stgr eval` all go through it, so a model
-that works for one works for all. Backends register with `register_backend`; heavy libraries are
-imported in `__init__`/`load`.
+that works for one works for all. Backends register with `register_backend` (in `BACKENDS`, which
+imports every module of this package when first read) and declare their settings as a `Config`
+dataclass (`BackendConfig`); heavy libraries are imported in `__init__`/`load`.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
 
+from pipeline.registry import Registry
+from pipeline.settings import Settings, setting
 from stages.lib.chat import ChatRequest
 
 
@@ -34,18 +38,55 @@ class AuthenticationFailed(RuntimeError):
     then reported), instead of one ledger row per record and an empty dataset."""
 
 
+@dataclass(kw_only=True)
+class BackendConfig(Settings):
+    """Base of a backend's settings: read from the config block of the stage that uses the backend
+    (`annotator`, `verify`) or from evaluation's backend options. A setting that says how requests are
+    sent, never what is asked (connections, timeouts, retries), is marked `run`: the stage leaves it
+    out of its fingerprint."""
+
+    @classmethod
+    def problems(cls, config: Mapping[str, Any], owner: str) -> list[str]:
+        found = ["api_key: never put a secret in the config (it is stored in the run directory); "
+                 "name the environment variable that holds it in api_key_env"] if "api_key" in config else []
+        return found + super().problems(config, owner)
+
+
+@dataclass(kw_only=True)
+class RequestSettings(BackendConfig):
+    """How a backend that runs a model is asked: the size of the frames it is sent and its extra
+    sampling fields. The stage builds each request with them, so
+    they are part of the cache key; a backend that reads neither (the template) has neither to set."""
+
+    image_max_side: int | None = setting(448, "longest side of a frame sent to the model; larger frames are "
+                                         "re-encoded (null: as they are). Equal to sample.jpeg_max_side, so "
+                                         "the embedded frames go as they are", ge=16)
+    jpeg_quality: int = setting(90, "JPEG quality of a re-encoded frame", ge=1, le=100)
+    extra: dict[str, Any] = setting({}, "extra sampling fields: an endpoint's request body, generate() or "
+                                        "vllm.SamplingParams keywords (e.g. {repetition_penalty: 1.05})")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(RequestSettings):
+    """The settings of a backend that runs a model on the frames."""
+
+    model: str = setting(help="the model: a local directory, a hub id already in the local cache, or a served name")
+    revision: str | None = setting(None, "part of every cache key: pin it (a commit hash) when `model` is a hub id")
+
+
 class Backend(ABC):
     """Generates completions for batches of requests. One instance per worker (it holds the model)."""
 
     name: ClassVar[str] = ""
+    #: The backend's settings, built from its config as `self.cfg`.
+    Config: ClassVar[type[BackendConfig]] = BackendConfig
+    cfg: BackendConfig
     #: False where a response costs nothing to recompute (the template backend): not worth a cache file.
     cacheable: ClassVar[bool] = True
-    #: Config keys that say how requests are sent, never what is asked (connections, timeouts,
-    #: retries): a stage that uses this backend leaves them out of its fingerprint.
-    run_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
+        self.cfg = self.Config.from_config(self.config, f"backend '{self.name}'")
 
     @property
     def model_id(self) -> str:
@@ -88,37 +129,33 @@ class PerRequestBackend(Backend):
         """One completion, or the request's `RequestFailed`, per request, in order."""
 
 
-BACKENDS: dict[str, type[Backend]] = {}
-B = TypeVar("B", bound=type[Backend])
+#: Every backend by name; reading it imports the modules of this package (heavy imports stay lazy).
+BACKENDS: Registry[type[Backend]] = Registry("backend", package=__name__, schema="backend")
+register_backend = BACKENDS.register
 
 
-def register_backend(cls: B) -> B:
-    BACKENDS[cls.name] = cls
-    return cls
+def backend_class(config: Mapping[str, Any], key: str = "backend") -> type[Backend]:
+    """The backend class `config['backend']` names; UnknownName naming `key` (the caller's config key,
+    `verify.backend`, `judge.backend`) when there is none."""
+    return BACKENDS.lookup(config.get("backend"), key)
 
 
-def load_backends() -> dict[str, type[Backend]]:
-    """Import every module of this package (each registers its backend); heavy imports stay lazy."""
-    import importlib
-    import pkgutil
+@dataclass(kw_only=True)
+class BackendChoice(Settings):
+    """The setting of a stage that runs a backend (annotate, verify): which one. The chosen backend's
+    own settings come from the same config block (`backend_parts`)."""
 
-    for info in pkgutil.iter_modules(__path__, prefix=__name__ + "."):
-        importlib.import_module(info.name)
-    return BACKENDS
-
-
-def run_keys(config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The how-to-run keys of the backend `config['backend']` names (none for an unknown name: the
-    stage's validation reports that)."""
-    backend = load_backends().get(config.get("backend"))
-    return backend.run_keys if backend is not None else ()
+    backend: str = setting(help="the backend that runs the model (stages/backends): template, transformers, "
+                                "vllm, openai, replay")
 
 
-def make_backend(config: Mapping[str, Any]) -> Backend:
-    """Build the backend named by `config['backend']`; the modules of this package self-register."""
-    load_backends()
-    name = config.get("backend")
-    if name not in BACKENDS:
-        raise KeyError(f"annotator.backend: unknown backend {name!r}; known: {sorted(BACKENDS)}")
-    return BACKENDS[name](config)
+def backend_parts(config: Mapping[str, Any]) -> list[tuple[str, type[Settings]]]:
+    """(owner, settings class) of the backend a stage's config block names, for `Stage.config_parts`."""
+    cls = backend_class(config)
+    return [(f"backend '{cls.name}'", cls.Config)]
+
+
+def make_backend(config: Mapping[str, Any], key: str = "backend") -> Backend:
+    """Build the backend named by `config['backend']` (see `backend_class` for `key`)."""
+    return backend_class(config, key)(config)
 

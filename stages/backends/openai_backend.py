@@ -23,10 +23,12 @@ import base64
 import os
 import random
 import threading
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pipeline.redact import Secrets, scrub
-from stages.backends import AuthenticationFailed, PerRequestBackend, RequestFailed, register_backend
+from pipeline.settings import setting
+from stages.backends import AuthenticationFailed, ModelConfig, PerRequestBackend, RequestFailed, register_backend
 from stages.lib.chat import ChatRequest, frames_content
 
 #: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
@@ -71,38 +73,44 @@ def completion_text(data: Any) -> str:
 
 @register_backend
 class OpenAIBackend(PerRequestBackend):
-    """Chat completions over HTTP (see the module docstring). Config: base_url, model, api_key_env,
-    concurrency, timeout_s, max_retries, backoff_s, max_backoff_s."""
+    """Chat completions over HTTP (see the module docstring)."""
 
     name = "openai"
-    run_keys = ("concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s")
+
+    @dataclass(kw_only=True)
+    class Config(ModelConfig):
+        base_url: str = setting("http://127.0.0.1:8000/v1", "the endpoint, up to /chat/completions")
+        api_key_env: str | None = setting("OPENAI_API_KEY", "the environment variable that holds the API key (the "
+                                          "key never enters the config); null: an endpoint without a key",
+                                          run=True, env=True)
+        concurrency: int = setting(8, "requests in flight at once, per actor", run=True, ge=1)
+        timeout_s: float = setting(120, "seconds per request before it counts as a timeout (and is retried)",
+                                   run=True, gt=0)
+        max_retries: int = setting(6, "retries after the first try, on 429, 5xx, timeouts and dropped "
+                                   "connections (a Retry-After header is honoured)", run=True, ge=0)
+        backoff_s: float = setting(1.0, "the first retry's wait; it doubles up to max_backoff_s, with jitter",
+                                   run=True, ge=0)
+        max_backoff_s: float = setting(60.0, "the longest wait between two tries", run=True, ge=0)
+
+    cfg: Config
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        self.base_url = str(config.get("base_url") or "").rstrip("/")
-        if not self.base_url:
-            raise ValueError("annotator.base_url: required by the openai backend (e.g. http://127.0.0.1:8000/v1)")
-        self.model = config.get("model")
-        if not self.model:
-            raise ValueError("annotator.model: required by the openai backend (the served model's name)")
+        self.base_url = self.cfg.base_url.rstrip("/")
+        self.model = self.cfg.model
         self.headers = {"Content-Type": "application/json"}
-        key_env = config.get("api_key_env")
+        key_env = self.cfg.api_key_env
         self.key_env = str(key_env) if key_env else None
         self.secrets = Secrets()
         if key_env:
             key = os.environ.get(str(key_env))
             if not key:
-                raise ValueError(f"annotator.api_key_env: the environment variable {key_env} is not set on this "
+                raise ValueError(f"api_key_env: the environment variable {key_env} is not set on this "
                                  "worker (set it, or api_key_env=null for an endpoint without a key)")
             self.headers["Authorization"] = f"Bearer {key}"
             self.secrets = Secrets({str(key_env): key})
-        self.concurrency = int(config.get("concurrency", 8))
-        self.timeout_s = float(config.get("timeout_s", 120))
-        self.max_retries = int(config.get("max_retries", 6))
-        self.backoff_s = float(config.get("backoff_s", 1.0))
-        self.max_backoff_s = float(config.get("max_backoff_s", 60.0))
-        if self.concurrency < 1 or self.max_retries < 0:
-            raise ValueError("annotator.concurrency must be >= 1 and annotator.max_retries >= 0")
+        self.concurrency, self.timeout_s = self.cfg.concurrency, self.cfg.timeout_s
+        self.max_retries, self.backoff_s, self.max_backoff_s = self.cfg.max_retries, self.cfg.backoff_s, self.cfg.max_backoff_s
 
     def generate_each(self, requests: Sequence[ChatRequest]) -> list[str | RequestFailed]:
         coroutine = self._generate_all(list(requests))

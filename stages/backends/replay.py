@@ -18,26 +18,31 @@ error, so a test cannot silently score a request it did not foresee.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from stages.backends import Backend, register_backend
+from pipeline.settings import setting
+from stages.backends import Backend, RequestSettings, register_backend
 from stages.lib.chat import ChatRequest
 
 
 @register_backend
 class ReplayBackend(Backend):
-    """Answers each request from the JSONL file at `config['completions']` (see the module docstring)."""
+    """Answers each request from the JSONL file at `completions` (see the module docstring)."""
 
     name = "replay"
     cacheable = False
 
+    @dataclass(kw_only=True)
+    class Config(RequestSettings):
+        completions: str = setting(help="the JSON Lines file of canned completions", path=True)
+
+    cfg: Config
+
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
-        path = config.get("completions")
-        if not path:
-            raise KeyError("replay backend: config key 'completions' (a JSONL file) is required")
-        self.path = Path(path)
+        self.path = Path(self.cfg.completions)
         self.lines: list[tuple[dict[str, Any], str]] = []
         with open(self.path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):

@@ -28,9 +28,11 @@ import hashlib
 import json
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from stages.backends import PerRequestBackend, RequestFailed, register_backend
+from pipeline.settings import setting
+from stages.backends import BackendConfig, PerRequestBackend, RequestFailed, register_backend
 from stages.lib.answers import answer_truth
 from stages.lib.chat import ChatRequest
 from stages.lib.evidence import Claim, render_claim
@@ -227,7 +229,7 @@ def _cite_sentences(context: Mapping[str, Any], entries: Sequence[Entry], rng: r
     return out
 
 
-def write_response(context: Mapping[str, Any], max_cites: int = 3) -> str:
+def write_response(context: Mapping[str, Any], max_cites: int) -> str:
     """The full `<think>…</think><answer>…</answer>` text for one record's context.
 
     The answer is the record's own answer, verbatim, so it scores full through `stages.lib.answers`;
@@ -280,6 +282,12 @@ class TemplateBackend(PerRequestBackend):
     name = "template"
     cacheable = False
 
+    @dataclass(kw_only=True)
+    class Config(BackendConfig):
+        max_cites: int = setting(3, "the most ground-truth boxes one trace cites", ge=0)
+
+    cfg: Config
+
     @property
     def model_id(self) -> str:
         return str(PHRASES["version"])
@@ -291,7 +299,7 @@ class TemplateBackend(PerRequestBackend):
                 raise ValueError("template backend: the request carries no ground-truth context; it can only "
                                  "answer requests built by the annotate stage")
             try:
-                out.append(write_response(request.context, int(self.config.get("max_cites", 3))))
+                out.append(write_response(request.context, self.cfg.max_cites))
             except RequestFailed as exc:
                 out.append(exc)
         return out

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from stages.backends import Backend, register_backend
+from pipeline.settings import setting
+from stages.backends import Backend, ModelConfig, register_backend
 from stages.lib.chat import ChatRequest, frames_content
 
 
@@ -30,29 +32,35 @@ def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
 
 @register_backend
 class TransformersBackend(Backend):
-    """A local HF model in this process (see the module docstring). Config: model, revision, dtype,
-    device ("auto": the GPU when there is one, else CPU), attn_implementation."""
+    """A local HF model in this process (see the module docstring)."""
 
     name = "transformers"
+
+    @dataclass(kw_only=True)
+    class Config(ModelConfig):
+        dtype: str = setting("auto", "torch dtype: auto, bfloat16, float16, float32")
+        device: str = setting("auto", "where the model runs: auto (the actor's GPU when there is one, else the CPU), "
+                                      "cuda, cpu")
+        attn_implementation: str | None = setting(None, "attention implementation (sdpa, flash_attention_2, eager); "
+                                                        "null: the model's default")
+
+    cfg: Config
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = config.get("model")
-        if not model:
-            raise ValueError("annotator.model: required by the transformers backend (a local directory or hub id)")
-        revision = config.get("revision")
+        model, revision = self.cfg.model, self.cfg.revision
         self.processor = AutoProcessor.from_pretrained(model, revision=revision)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         tokenizer.padding_side = "left"
-        device = config.get("device", "auto")
+        device = self.cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        kwargs: dict[str, Any] = {"revision": revision, "dtype": config.get("dtype", "auto")}
-        if config.get("attn_implementation"):
-            kwargs["attn_implementation"] = config["attn_implementation"]
+        kwargs: dict[str, Any] = {"revision": revision, "dtype": self.cfg.dtype}
+        if self.cfg.attn_implementation:
+            kwargs["attn_implementation"] = self.cfg.attn_implementation
         self.model = AutoModelForImageTextToText.from_pretrained(model, **kwargs).to(device).eval()
         self.device = device
         self.tokenizer = tokenizer

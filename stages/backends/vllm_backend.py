@@ -16,12 +16,12 @@ extra; on a CPU-only machine use the environment made by ../shared/tools/vllm-cp
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
 
-from stages.backends import Backend, register_backend
+from pipeline.settings import setting
+from stages.backends import Backend, ModelConfig, register_backend
 from stages.lib.chat import ChatRequest, frames_content
-
-INPUT_MODES = ("video", "images")
 
 
 def _frame_list(request: ChatRequest) -> str:
@@ -51,35 +51,44 @@ def video_metadata(request: ChatRequest) -> dict[str, Any]:
 
 @register_backend
 class VLLMBackend(Backend):
-    """vllm.LLM in this process (see the module docstring). Config: model, revision, dtype, input,
-    tensor_parallel_size, gpu_memory_utilization, max_model_len, engine_kwargs."""
+    """vllm.LLM in this process (see the module docstring)."""
 
     name = "vllm"
+
+    @dataclass(kw_only=True)
+    class Config(ModelConfig):
+        dtype: str = setting("auto", "the engine's dtype: auto, bfloat16, float16, float32")
+        input: Literal["video", "images"] = setting(
+            "video", "how frames reach the model: video (one video with its frame times as metadata, so "
+            "Qwen2.5-VL's time encoding sees real seconds) or images (one image per frame, each after its label)")
+        tensor_parallel_size: int = setting(1, "GPUs the engine shards the model over", ge=1)
+        gpu_memory_utilization: float | None = setting(0.85, "share of GPU memory the engine takes (null: "
+                                                             "vLLM's default)", gt=0, le=1)
+        max_model_len: int = setting(16384, "the longest prompt plus completion, in tokens", ge=1)
+        max_images_per_prompt: int = setting(64, "the most images one request may hold", ge=1)
+        engine_kwargs: dict[str, Any] = setting({}, "extra keyword arguments for vllm.LLM (e.g. {enforce_eager: true})")
+
+    cfg: Config
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         from transformers import AutoProcessor
         from vllm import LLM
 
-        model = config.get("model")
-        if not model:
-            raise ValueError("annotator.model: required by the vllm backend (a local directory or hub id)")
-        self.input = config.get("input", "video")
-        if self.input not in INPUT_MODES:
-            raise ValueError(f"annotator.input: expected one of {INPUT_MODES}, got {self.input!r}")
-        max_images = int(config.get("max_images_per_prompt", 64))
+        cfg = self.cfg
+        self.input = cfg.input
         engine: dict[str, Any] = {
-            "model": model, "revision": config.get("revision"), "dtype": config.get("dtype", "auto"),
-            "tensor_parallel_size": int(config.get("tensor_parallel_size", 1)),
-            "max_model_len": int(config.get("max_model_len", 16384)),
-            "seed": int(config.get("seed", 0)),
-            "limit_mm_per_prompt": {"image": max_images, "video": 1},
+            "model": cfg.model, "revision": cfg.revision, "dtype": cfg.dtype,
+            "tensor_parallel_size": cfg.tensor_parallel_size, "max_model_len": cfg.max_model_len,
+            # each request carries its own seed (SamplingParams), so the engine's seeds nothing of ours
+            "seed": 0,
+            "limit_mm_per_prompt": {"image": cfg.max_images_per_prompt, "video": 1},
         }
-        if config.get("gpu_memory_utilization") is not None:
-            engine["gpu_memory_utilization"] = float(config["gpu_memory_utilization"])
-        engine.update(dict(config.get("engine_kwargs") or {}))
+        if cfg.gpu_memory_utilization is not None:
+            engine["gpu_memory_utilization"] = float(cfg.gpu_memory_utilization)
+        engine.update(cfg.engine_kwargs)
         self.llm = LLM(**engine)
-        self.processor = AutoProcessor.from_pretrained(model, revision=config.get("revision"))
+        self.processor = AutoProcessor.from_pretrained(cfg.model, revision=cfg.revision)
 
     def _messages(self, request: ChatRequest, as_video: bool) -> list[dict[str, Any]]:
         """Chat messages for one request: as images, `stages.lib.chat`'s layout (the one training

@@ -3,9 +3,9 @@
 Sources and annotators are the config groups under conf/ (`source=vidstg`, `annotator=vllm`), each
 described by its file's header comment, plus the registered adapters and backends that no config file
 names (`source.adapter=...`, `annotator.backend=...`). Stages are the registry a DAG's `stage:` keys
-name, with the node of the default DAG that uses each; rules are the filter's, with their default
-threshold from conf/filter/default.yaml. Listed from the registries themselves, so a plugin's stage
-or rule shows up as soon as it is installed.
+name, with the node of the default DAG that uses each; rules are the filter's, with their own default
+settings (`Rule.Config`). Listed from the registries themselves, so a plugin's stage or rule shows up
+as soon as it is installed.
 """
 from __future__ import annotations
 
@@ -58,17 +58,14 @@ def _group(group: str, key: str, registered: dict[str, Any], describe: Callable[
 
 def sources() -> list[Row]:
     from stages.sources import ADAPTERS
-    from stages.sources.base import load_adapters
 
-    load_adapters()
-    primary = {name: cls for name, cls in ADAPTERS.items() if cls.name == name}
-    return _group("source", "adapter", primary, lambda cls: first_sentence(cls.__doc__))
+    return _group("source", "adapter", ADAPTERS.primary(), lambda cls: first_sentence(cls.__doc__))
 
 
 def annotators() -> list[Row]:
-    from stages.backends import load_backends
+    from stages.backends import BACKENDS
 
-    return _group("annotator", "backend", load_backends(), lambda cls: first_sentence(cls.__doc__))
+    return _group("annotator", "backend", BACKENDS.primary(), lambda cls: first_sentence(cls.__doc__))
 
 
 def stages() -> list[Row]:
@@ -90,13 +87,10 @@ def stages() -> list[Row]:
 def rules() -> list[Row]:
     from stages.lib.rules import RULES
 
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "filter" / "default.yaml"), resolve=False)
-    settings = (defaults or {}).get("rules") or {}
     rows = []
     for name, cls in RULES.items():
-        entry = settings.get(name) or {}
-        enabled = entry.get("enabled", getattr(cls, "enabled", True))
-        threshold = entry.get("threshold", getattr(cls, "threshold", None))
+        defaults = cls.Config()
+        enabled, threshold = defaults.enabled, defaults.threshold
         if isinstance(threshold, dict):
             threshold = ", ".join(f"{task} {value}" for task, value in threshold.items())
         rows.append((name, f"{'on' if enabled else 'off'}, threshold {threshold}", cls.description))

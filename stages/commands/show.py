@@ -29,7 +29,7 @@ from stages.commands._records import Located, locate
 from stages.lib.evidence import parse_trace
 from stages.lib.geometry import CANONICAL
 from stages.lib.media import FrameReader
-from stages.lib.truth import GroundTruth, snap
+from stages.lib.truth import GroundTruth, TruthSettings, snap
 
 THUMB_WIDTH = 360
 TEXT_WIDTH = 620
@@ -179,7 +179,8 @@ def _text_sections(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     return sections
 
 
-def _frames(record: Mapping[str, Any], max_frames: int, tolerance: float = 0.25) -> list[Image.Image]:
+def _frames(record: Mapping[str, Any], max_frames: int,
+            tolerance: float = TruthSettings().gt_tolerance_s) -> list[Image.Image]:
     times = chosen_frames(record, max_frames)
     if not times:
         return []

@@ -49,11 +49,12 @@ from stages.commands.inspect import summarise
 from stages.commands.show import GT_COLOUR, chosen_frames, draw_frame, iou_colour
 from stages.lib.dataset import read_ledger
 from stages.lib.media import FrameReader
+from stages.lib.truth import TruthSettings
 
 #: File whose presence marks a folder as written by `stgr view`, so that a rewrite may clear it.
 MARKER = ".stgr-view"
-#: Seconds within which a ground-truth track point counts at a frame's time (as `stgr show`).
-GT_TOLERANCE_S = 0.25
+#: Seconds within which a ground-truth track point counts at a frame's time (align's default, as `stgr show`).
+GT_TOLERANCE_S = TruthSettings().gt_tolerance_s
 #: A box in the trace is the claim row whose canonical box is this close (the trace rounds to 3 digits).
 BOX_MATCH_ATOL = 1e-3
 _TAG = re.compile(r"<(/?)(think|answer|obj|box|t)>")

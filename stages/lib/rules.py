@@ -1,10 +1,11 @@
 """The filter rules: named, vectorised checks of a partition's aligned records.
 
-Each rule is a small named object in `RULES` with a threshold from config (`filter.rules.<name>`)
-and a reason string, and can be switched off (`enabled: false`). Rules read `scores` (written by
-`align`, and `verify` where it ran) and are vectorised over the partition with pyarrow/numpy:
-thresholds change often, so re-filtering a large build must stay cheap. The `filter` stage runs
-them; `stgr list rules` lists them; a project adds one with `@register_rule`.
+Each rule is a small named object in `RULES` with a reason string and its settings (`Rule.Config`:
+`enabled` and a `threshold`, each with its one default), which a build overrides as
+`filter.rules.<name>.threshold=...` or switches off with `filter.rules.<name>.enabled=false`. Rules
+read `scores` (written by `align`, and `verify` where it ran) and are vectorised over the partition
+with pyarrow/numpy: thresholds change often, so re-filtering a large build must stay cheap. The
+`filter` stage runs them; `stgr list rules` lists them; a project adds one with `@register_rule`.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.registry import Registry
+from pipeline.settings import Settings, setting, unknown_keys
 from stages.lib.geometry import CANONICAL, area_fraction, has_positive_area
 from stages.lib.schema import TASKS
 
@@ -81,41 +84,34 @@ class Outcome:
     reasons: dict[int, str]
 
 
+@dataclass(kw_only=True)
+class RuleConfig(Settings):
+    """A rule's settings: a rule redeclares `threshold` with its own type, default and help."""
+
+    enabled: bool = setting(True, "run the rule")
+    threshold: float = setting(0.0, "the rule's threshold")
+
+
 class Rule(ABC):
-    """One consistency rule. `threshold` is the default; config overrides it per build."""
+    """One consistency rule, with its settings (`Config`) as `filter.rules.<name>` gives them."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    threshold: ClassVar[Any]
-    enabled: ClassVar[bool] = True
+    Config: ClassVar[type[RuleConfig]] = RuleConfig
 
-    def __init__(self, threshold: Any) -> None:
-        self.threshold_value = threshold
+    def __init__(self, cfg: RuleConfig) -> None:
+        self.cfg = cfg
 
     @abstractmethod
     def check(self, batch: Batch) -> Outcome:
         """Which records of the batch fail this rule, with their values."""
 
     def threshold_for(self, task: str) -> Any:
-        return self.threshold_value
-
-    @classmethod
-    def validate_threshold(cls, value: Any) -> str | None:
-        """A problem with a configured threshold, or None."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"expected a number, got {type(value).__name__} {value!r}"
-        return None
+        return self.cfg.threshold
 
 
-RULES: dict[str, type[Rule]] = {}
-
-
-def register_rule(cls: type[Rule]) -> type[Rule]:
-    """Class decorator: make a rule available to `filter` under its `name`."""
-    if cls.name in RULES:
-        raise ValueError(f"filter rule {cls.name!r} is already registered by {RULES[cls.name].__qualname__}")
-    RULES[cls.name] = cls
-    return cls
+RULES: Registry[type[Rule]] = Registry("filter rule")
+register_rule = RULES.register
 
 
 def _worst_per_row(values: np.ndarray, parents: np.ndarray, bad: np.ndarray, pick: Any) -> dict[int, float]:
@@ -130,11 +126,15 @@ def _worst_per_row(values: np.ndarray, parents: np.ndarray, bad: np.ndarray, pic
 class FormatValid(Rule):
     name = "format_valid"
     description = "the trace parses without problems (tags, boxes, times, required sections and evidence)"
-    threshold = 0  # the most problems a trace may have
+
+    @dataclass(kw_only=True)
+    class Config(RuleConfig):
+        threshold: int = setting(0, "the most parse problems a trace may have (tags, boxes, times, missing "
+                                    "<think>/<answer>, missing evidence)")
 
     def check(self, batch: Batch) -> Outcome:
         counts = np.array([len(p) for p in batch.problems])
-        failed = ~batch.aligned | (counts > self.threshold_value)
+        failed = ~batch.aligned | (counts > self.cfg.threshold)
         values, reasons = {}, {}
         for i in np.flatnonzero(failed):
             if not batch.aligned[i]:
@@ -156,11 +156,14 @@ class TimeInClip(Rule):
     name = "time_in_clip"
     description = ("every <t> of the trace lies inside the clip, within the rounding of its written digits "
                    "plus a slack in seconds")
-    threshold = 0.0
+
+    @dataclass(kw_only=True)
+    class Config(RuleConfig):
+        threshold: float = setting(0.0, "seconds of slack around the clip for every <t> in the trace")
 
     def check(self, batch: Batch) -> Outcome:
         times, parents = batch.times
-        tol = float(self.threshold_value) + CANONICAL.time_tolerance()
+        tol = float(self.cfg.threshold) + CANONICAL.time_tolerance()
         start, end = batch.clip_start[parents], batch.clip_end[parents]
         outside = (times < start - tol) | (times > end + tol)
         failed = np.zeros(batch.num_rows, dtype=bool)
@@ -178,11 +181,15 @@ class TimeInClip(Rule):
 class ClaimIoU(Rule):
     name = "claim_iou"
     description = "every claimed box that has ground truth at its time matches it with at least this IoU"
-    threshold = 0.5
+
+    @dataclass(kw_only=True)
+    class Config(RuleConfig):
+        threshold: float = setting(0.5, "lowest IoU allowed for a claimed box against the ground truth at its "
+                                        "(snapped) time")
 
     def check(self, batch: Batch) -> Outcome:
         min_iou = batch.floats("min_iou")
-        failed = ~np.isnan(min_iou) & (min_iou < float(self.threshold_value))
+        failed = ~np.isnan(min_iou) & (min_iou < float(self.cfg.threshold))
         claims = batch.field("claims")
         values, reasons = {}, {}
         for i in np.flatnonzero(failed):
@@ -190,7 +197,7 @@ class ClaimIoU(Rule):
             values[i] = round(float(min_iou[i]), 4)
             matched = f"matched to {worst['gt_name']!r}" if worst["gt_name"] else "matched to nothing"
             when = f" at {worst['t_snapped']:g} s" if worst["t_snapped"] is not None else ""
-            reasons[i] = f"claim {worst['name']!r}{when} {matched}: IoU {worst['iou']:.3f} < {self.threshold_value}"
+            reasons[i] = f"claim {worst['name']!r}{when} {matched}: IoU {worst['iou']:.3f} < {self.cfg.threshold}"
         return Outcome(failed, values, reasons)
 
 
@@ -198,16 +205,20 @@ class ClaimIoU(Rule):
 class BoxDegenerate(Rule):
     name = "box_degenerate"
     description = "every claimed box has positive width and height and covers at least this fraction of the frame"
-    threshold = 1e-4
+
+    @dataclass(kw_only=True)
+    class Config(RuleConfig):
+        threshold: float = setting(1e-4, "smallest box allowed, as a fraction of the frame (also rejects x2 <= x1 "
+                                         "or y2 <= y1)")
 
     def check(self, batch: Batch) -> Outcome:
         boxes, parents = batch.boxes
         area = area_fraction(boxes)
-        bad = ~has_positive_area(boxes) | (area < float(self.threshold_value))
+        bad = ~has_positive_area(boxes) | (area < float(self.cfg.threshold))
         failed = np.zeros(batch.num_rows, dtype=bool)
         failed[parents[bad]] = True
         worst = _worst_per_row(area, parents, bad, np.min)
-        reasons = {i: f"a box covers {v:.2e} of the frame (x2 <= x1, y2 <= y1, or below {self.threshold_value})"
+        reasons = {i: f"a box covers {v:.2e} of the frame (x2 <= x1, y2 <= y1, or below {self.cfg.threshold})"
                    for i, v in worst.items()}
         return Outcome(failed, {i: round(v, 6) for i, v in worst.items()}, reasons)
 
@@ -216,16 +227,19 @@ class BoxDegenerate(Rule):
 class BoxTooLarge(Rule):
     name = "box_too_large"
     description = "no claimed box covers more than this fraction of the frame (a box around everything grounds nothing)"
-    threshold = 0.8
+
+    @dataclass(kw_only=True)
+    class Config(RuleConfig):
+        threshold: float = setting(0.8, "largest box allowed, as a fraction of the frame")
 
     def check(self, batch: Batch) -> Outcome:
         boxes, parents = batch.boxes
         area = area_fraction(boxes)
-        bad = area > float(self.threshold_value)
+        bad = area > float(self.cfg.threshold)
         failed = np.zeros(batch.num_rows, dtype=bool)
         failed[parents[bad]] = True
         worst = _worst_per_row(area, parents, bad, np.max)
-        reasons = {i: f"a box covers {v:.0%} of the frame > {self.threshold_value:.0%}" for i, v in worst.items()}
+        reasons = {i: f"a box covers {v:.0%} of the frame > {self.cfg.threshold:.0%}" for i, v in worst.items()}
         return Outcome(failed, {i: round(v, 4) for i, v in worst.items()}, reasons)
 
 
@@ -235,26 +249,25 @@ class AnswerAgrees(Rule):
 
     name = "answer_agrees"
     description = "the response's answer agrees with the ground truth (stages.lib.answers: letter, letter+span, span tIoU, box IoU or ROUGE)"
-    threshold = {"temporal_mcq": 0.75, "general_mcq": 1.0, "default": 0.5}
+
+    @dataclass(kw_only=True)
+    class Config(RuleConfig):
+        threshold: float | dict[str, float] = setting(
+            {"temporal_mcq": 0.75, "general_mcq": 1.0, "default": 0.5},
+            "lowest answer agreement, one number or per task (with an optional default), scored by "
+            "stages/lib/answers.py from what the record's answer is: option letter (0/1), letter + span "
+            "((letter + tIoU) / 2: 0.75 = right letter and tIoU >= 0.5), span tIoU, box IoU or free text "
+            "(mean ROUGE-1/2/L F1)")
+
+        def check(self) -> list[str]:
+            unknown = sorted(set(self.threshold) - set(TASKS) - {"default"}) if isinstance(self.threshold, Mapping) else []
+            return [f"threshold: unknown task(s) {unknown}; known: {list(TASKS)} and 'default'"] if unknown else []
 
     def threshold_for(self, task: str) -> float:
-        value = self.threshold_value
+        value = self.cfg.threshold
         if isinstance(value, Mapping):
             return float(value.get(task, value.get("default", 0.0)))
         return float(value)
-
-    @classmethod
-    def validate_threshold(cls, value: Any) -> str | None:
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(TASKS) - {"default"})
-            if unknown:
-                return f"unknown task(s) {unknown}; known: {list(TASKS)} and 'default'"
-            for task, v in value.items():
-                problem = Rule.validate_threshold(v)
-                if problem:
-                    return f"{task}: {problem}"
-            return None
-        return Rule.validate_threshold(value)
 
     def check(self, batch: Batch) -> Outcome:
         score = batch.floats("answer_score")
@@ -271,29 +284,52 @@ class AnswerAgrees(Rule):
 class Verified(Rule):
     name = "verified"
     description = "a VLM confirms at least this fraction of the claimed boxes (needs the verify stage)"
-    threshold = 0.5
-    enabled = False
+
+    @dataclass(kw_only=True)
+    class Config(RuleConfig):
+        enabled: bool = setting(False, "run the rule; needs the optional verify stage in the DAG")
+        threshold: float = setting(0.5, "fraction of claimed boxes a VLM must confirm")
 
     def check(self, batch: Batch) -> Outcome:
         score = batch.floats("verify")
         missing = np.isnan(score)
-        failed = missing | (score < float(self.threshold_value))
+        failed = missing | (score < float(self.cfg.threshold))
         values, reasons = {}, {}
         for i in np.flatnonzero(failed):
             if missing[i]:
                 values[i], reasons[i] = None, "no verification score: add the verify stage before filter, or disable this rule"
             else:
                 values[i] = round(float(score[i]), 4)
-                reasons[i] = f"the verifier confirmed {score[i]:.0%} of the claimed boxes < {self.threshold_value:.0%}"
+                reasons[i] = f"the verifier confirmed {score[i]:.0%} of the claimed boxes < {self.cfg.threshold:.0%}"
         return Outcome(failed, values, reasons)
 
 
-def configured_rules(config: Mapping[str, Any]) -> list[Rule]:
-    """The enabled rules with their thresholds: registry defaults, overridden by `config['rules']`."""
-    settings = dict(config.get("rules") or {})
-    rules = []
+def rule_defaults() -> dict[str, dict[str, Any]]:
+    """Every registered rule's settings at their defaults: the default of `filter.rules`."""
+    return {name: cls.Config.defaults() for name, cls in RULES.items()}
+
+
+def rule_problems(rules: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a `filter.rules` mapping, as `rules.<name>...: message` lines."""
+    problems = []
+    for name, entry in rules.items():
+        if name not in RULES:
+            problems.append(f"rules.{name}: unknown rule; known: {sorted(RULES)}")
+        elif not isinstance(entry, Mapping):
+            problems.append(f"rules.{name}: expected a mapping with enabled/threshold, got {entry!r}")
+        else:
+            settings = RULES[name].Config
+            owner = f"filter rule '{name}'"
+            problems += [f"rules.{name}.{p}" for p in settings.problems(entry, owner)]
+            problems += [f"rules.{name}.{p}" for p in unknown_keys(entry, settings.names(), owner)]
+    return problems
+
+
+def configured_rules(rules: Mapping[str, Any]) -> list[Rule]:
+    """The enabled rules, each with its settings: its defaults, overridden by `rules[<name>]`."""
+    out = []
     for name, cls in RULES.items():
-        entry = dict(settings.get(name) or {})
-        if entry.get("enabled", cls.enabled):
-            rules.append(cls(entry.get("threshold", cls.threshold)))
-    return rules
+        cfg = cls.Config.build(rules.get(name) or {})
+        if cfg.enabled:
+            out.append(cls(cfg))
+    return out

@@ -7,11 +7,24 @@ backend names objects the way align matches them, and `stgr show` draws it: one 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.settings import Settings, setting
+
+
+@dataclass(kw_only=True)
+class TruthSettings(Settings):
+    """The one setting of "the ground truth at time T", shared by every stage that looks it up
+    (`align` scores claims with it, `verify` picks the moment a box is checked at), so that both read
+    the same tolerance with the same default."""
+
+    gt_tolerance_s: float = setting(0.25, "a ground-truth track point (or key-frame object) counts at a "
+                                    "claim's snapped time when it lies within this many seconds of it", ge=0)
 
 
 def snap(times: Sequence[float], frame_times: np.ndarray) -> np.ndarray:

@@ -40,7 +40,6 @@ class ActivityNetEntry(Entry):
 class ActivityNetCaptionsAdapter(Adapter):
     name = "activitynet_captions"
     aliases = ("activitynet",)
-    required_keys = ("annotations", "video_dir")
 
     def load_entries(self) -> Sequence[Any]:
         data = read_json(self.annotations)

@@ -4,7 +4,9 @@ An adapter knows one annotation format and nothing else: it reads the file (on t
 entries, again on each worker to build its partition), validates it, and turns each entry into seed
 records in canonical units (seconds on the source video's own timeline, boxes `[x1, y1, x2, y2]`
 normalised to the source frame). The `source` stage (stages/source.py) owns partitioning and
-the ledger, so a new format is one new module with one `@register_adapter` class.
+the ledger, so a new format is one new module with one `@register_adapter` class, whose `Config`
+declares the settings it reads from the `source` block (`FileSettings` for one annotation file and a
+video folder).
 
 Two kinds of bad input, two outcomes:
 - the *file* is unusable (missing, not JSON, wrong top-level shape, no entries): `InputError` naming
@@ -23,18 +25,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import functools
-import importlib
 import json
 import os
-import pkgutil
 import posixpath
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import InputError
+from pipeline.registry import Registry
+from pipeline.settings import Settings, setting
 from pipeline.stage import Reject, Rejection, UnitContext
 from stages.lib.evidence import Claim
 from stages.lib.schema import record_id, to_table
@@ -42,26 +45,46 @@ from stages.lib.schema import record_id, to_table
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
 
+@dataclass(kw_only=True)
+class AdapterConfig(Settings):
+    """Base of an adapter's settings, read from the `source` block beside the stage's own."""
+
+
+@dataclass(kw_only=True)
+class FileSettings(AdapterConfig):
+    """The settings of an adapter that reads one annotation file about a folder of videos."""
+
+    annotations: str = setting(help="the annotation file", path=True)
+    video_dir: str = setting(help="the folder the entries' videos are found in (or relative to)", path=True)
+    allow_outside_video_dir: bool = setting(False, "true: media paths that resolve outside video_dir (.., "
+                                                   "absolute, symlinks) are used; false: each is a ledger row")
+
+
+@dataclass(kw_only=True)
+class TrackSettings(FileSettings):
+    """The settings of a file-based adapter whose ground truth has box tracks."""
+
+    key_frames_per_track: int = setting(3, "key frames per ground-truth track given to the annotator, spread "
+                                           "evenly over it (first and last included)", ge=1)
+
+
 class Adapter(ABC):
     """Base class of a source adapter.
 
-    Subclasses set `name` (the value of `source.adapter`), optionally `aliases`, `required_keys`
-    (config keys that must be set) and implement `load_entries` and `seed`. `entries()` caches the
-    parsed file per process, so the driver's `plan()` and each worker read it once.
+    Subclasses set `name` (the value of `source.adapter`), optionally `aliases`, their settings
+    (`Config`: `FileSettings` or a subclass for a file-based adapter) and implement `load_entries`
+    and `seed`. `entries()` caches the parsed file per process, so the driver's `plan()` and each
+    worker read it once.
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
-    required_keys: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type[AdapterConfig]] = FileSettings
+    cfg: AdapterConfig
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
-
-    @classmethod
-    def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
-        """Problems as `key: message` strings, checked before the build starts."""
-        return [f"{key}: required by source adapter '{cls.name}' but missing (set source.{key}=...)"
-                for key in cls.required_keys if config.get(key) in (None, "", "???")]
+        self.cfg = self.Config.from_config(self.config, f"source adapter '{self.name}'")
 
     # -- the annotation file ---------------------------------------------------------------
     @property
@@ -290,40 +313,18 @@ def resolve_media(uri: str, video_dir: str) -> tuple[str, str | None]:
 
 
 # -- registry ---------------------------------------------------------------------------------
-ADAPTERS: dict[str, type[Adapter]] = {}
+#: Every adapter by name (`source.adapter=<name>`, and its aliases); reading it imports the modules
+#: of this package, so that every adapter registers itself.
+ADAPTERS: Registry[type[Adapter]] = Registry("adapter", package="stages.sources", schema="adapter")
+register_adapter = ADAPTERS.register
 
 
-def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator: make an adapter available as `source.adapter=<name>` (and its aliases)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no `name`")
-    for key in (cls.name, *cls.aliases):
-        existing = ADAPTERS.get(key)
-        if existing is not None and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"source adapter name '{key}' is taken by {existing.__module__}.{existing.__qualname__}")
-        ADAPTERS[key] = cls
-    return cls
-
-
-@functools.cache
-def load_adapters() -> None:
-    """Import every module of this package so that every adapter registers itself."""
-    package = importlib.import_module("stages.sources")
-    for info in pkgutil.iter_modules(package.__path__, prefix="stages.sources."):
-        importlib.import_module(info.name)
-
-
-def get_adapter(name: str) -> type[Adapter]:
-    load_adapters()
-    try:
-        return ADAPTERS[name]
-    except KeyError:
-        known = ", ".join(sorted(ADAPTERS))
-        raise ConfigError(f"source.adapter: unknown adapter '{name}' (known: {known})") from None
+def get_adapter(name: str, key: str = "source.adapter") -> type[Adapter]:
+    """The adapter `name`; UnknownName naming `key` when there is none."""
+    return ADAPTERS.lookup(name, key)
 
 
 def adapter_names() -> list[str]:
-    load_adapters()
     return sorted(ADAPTERS)
 
 

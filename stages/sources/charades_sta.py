@@ -26,7 +26,6 @@ LINE = re.compile(r"^(?P<vid>\S+)\s+(?P<start>\S+)\s+(?P<end>\S+)\s*##(?P<senten
 class CharadesSTAAdapter(Adapter):
     name = "charades_sta"
     aliases = ("charades",)
-    required_keys = ("annotations", "video_dir")
 
     def load_entries(self) -> Sequence[Any]:
         try:

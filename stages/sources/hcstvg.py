@@ -19,15 +19,18 @@ the start, middle and end of the track (`key_frames_per_track`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 from pydantic import Field, PositiveInt, model_validator
 
+from pipeline.settings import setting
 from pipeline.stage import UnitContext
 from stages.lib.geometry import pixels_to_normalised, xywh_to_xyxy
 from stages.lib.schema import meta_dump
-from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
+from stages.sources.base import (Adapter, Entry, TrackSettings, expect_shape, make_record, media, read_json,
+                                 register_adapter)
 
 V2_KEYS = {"trajectory": "bbox", "English": "caption"}
 
@@ -55,7 +58,12 @@ class HCSTVGEntry(Entry):
 @register_adapter
 class HCSTVGAdapter(Adapter):
     name = "hcstvg"
-    required_keys = ("annotations", "video_dir")
+
+    @dataclass(kw_only=True)
+    class Config(TrackSettings):
+        clip_seconds: float = setting(20.0, "every HC-STVG clip lasts this long: fps = img_num / clip_seconds", gt=0)
+
+    cfg: Config
 
     def load_entries(self) -> Sequence[Any]:
         data = read_json(self.annotations)
@@ -75,7 +83,7 @@ class HCSTVGAdapter(Adapter):
             out.setdefault("height", hw[0])
             out.setdefault("width", hw[1])
         if "st_time" not in out and isinstance(out.get("img_num"), int) and "ed_frame" in out and "st_frame" in out:
-            fps = out["img_num"] / float(self.config.get("clip_seconds", 20.0))
+            fps = out["img_num"] / float(self.cfg.clip_seconds)
             out["st_time"] = (out["st_frame"] - 1) / fps
             out["ed_time"] = out["ed_frame"] / fps
         return out
@@ -84,12 +92,12 @@ class HCSTVGAdapter(Adapter):
         video, value = entry
         label = self.entry_label(entry, position)
         e: HCSTVGEntry = self.validate(HCSTVGEntry, self._v1(value), position, label)
-        fps = e.img_num / float(self.config.get("clip_seconds", 20.0))
+        fps = e.img_num / float(self.cfg.clip_seconds)
         frames = e.st_frame - 1 + np.arange(len(e.bbox))
         boxes = pixels_to_normalised(xywh_to_xyxy(np.array(e.bbox, dtype=np.float64)), e.width, e.height).round(6)
         times = np.round(frames / fps, 6)
         track = [{"t_s": float(t), "box": b} for t, b in zip(times.tolist(), boxes.tolist())]
-        count = int(self.config.get("key_frames_per_track", 3))
+        count = self.cfg.key_frames_per_track
         keys = sorted(set(np.linspace(0, len(track) - 1, max(1, count)).round().astype(int).tolist()))
         name = "person"
         key_frames = [{"t_s": track[k]["t_s"], "objects": [{"name": name, "box": track[k]["box"]}]} for k in keys]

@@ -93,7 +93,6 @@ class JsonlEntry(Strict):
 @register_adapter
 class JsonlAdapter(Adapter):
     name = "jsonl"
-    required_keys = ("annotations", "video_dir")
 
     def load_entries(self) -> Sequence[Any]:
         entries = []

@@ -100,7 +100,6 @@ def question_of(question: str) -> str:
 @register_adapter
 class STGRJsonAdapter(Adapter):
     name = "stgr_json"
-    required_keys = ("annotations", "video_dir")
 
     def load_entries(self) -> Sequence[Any]:
         data = read_json(self.annotations)

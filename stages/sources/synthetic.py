@@ -29,19 +29,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pipeline.registry import Registry
+from pipeline.settings import setting
 from pipeline.stage import UnitContext
 from stages.lib.schema import TASKS, meta_dump
-from stages.sources.base import Adapter, make_record, media, register_adapter
-from stages.sources.synthetic_world import COLOURS, Event, Scene, encode_mp4, render, simulate
+from stages.sources.base import Adapter, AdapterConfig, make_record, media, register_adapter
+from stages.sources.synthetic_world import (COLOURS, CRF, MIN_VISIBLE_FRACTION, Event, Scene, encode_mp4, render,
+                                            simulate)
 
 LETTERS = "ABCDEFGH"
-#: Default share of a shape's pixels that must be inside the frame for it to be in view (config
-#: `min_visible_fraction`): below it, a shape at the edge is in no track, key frame, span or event.
-MIN_VISIBLE_FRACTION = 0.5
 #: Bumped when the same parameters would render different pixels (part of the media folder's name,
 #: so videos rendered by an older world are never reused).
 WORLD_VERSION = 2
@@ -108,17 +109,11 @@ class _Context:
 
 
 Writer = Callable[[_Context], dict[str, Any] | None]
-WRITERS: dict[str, Writer] = {}
+#: The task writers by task name (`tasks`): each writes one record of its task about a scene, or None.
+WRITERS: Registry[Writer] = Registry("synthetic task writer")
 
 
-def _writer(task: str) -> Callable[[Writer], Writer]:
-    def register(fn: Writer) -> Writer:
-        WRITERS[task] = fn
-        return fn
-    return register
-
-
-@_writer("spatio_temporal")
+@WRITERS.register(name="spatio_temporal")
 def _spatio_temporal(c: _Context) -> dict[str, Any] | None:
     candidates: list[tuple[str, str, tuple[float, float]]] = []
     for e in c.events("stops"):
@@ -156,7 +151,7 @@ def _span_key_frames(c: _Context, name: str, span: tuple[float, float]) -> list[
     return [c.key_frame(span[0], [name]), c.key_frame(end, [name])]
 
 
-@_writer("temporal")
+@WRITERS.register(name="temporal")
 def _temporal(c: _Context) -> dict[str, Any] | None:
     picked = _span_question(c)
     if picked is None:
@@ -166,7 +161,7 @@ def _temporal(c: _Context) -> dict[str, Any] | None:
             "key_frames": _span_key_frames(c, name, (start, end))}
 
 
-@_writer("temporal_mcq")
+@WRITERS.register(name="temporal_mcq")
 def _temporal_mcq(c: _Context) -> dict[str, Any] | None:
     picked = _span_question(c)
     if picked is None:
@@ -185,7 +180,7 @@ def _temporal_mcq(c: _Context) -> dict[str, Any] | None:
             "key_frames": _span_key_frames(c, name, (start, end))}
 
 
-@_writer("spatial")
+@WRITERS.register(name="spatial")
 def _spatial(c: _Context) -> dict[str, Any] | None:
     scene = c.scene
     step = max(1, int(round(scene.fps / 2)))  # a time on the half-second grid that `sample` keeps at 2 fps
@@ -202,7 +197,7 @@ def _spatial(c: _Context) -> dict[str, Any] | None:
             "answer": _box_text(key["objects"][0]["box"]), "answer_span": None, "key_frames": [key]}
 
 
-@_writer("general_mcq")
+@WRITERS.register(name="general_mcq")
 def _general_mcq(c: _Context) -> dict[str, Any] | None:
     names = [o.name for o in c.scene.objects if o.visible.any()]
     kinds: list[Callable[[], dict[str, Any] | None]] = []
@@ -254,7 +249,7 @@ def _general_mcq(c: _Context) -> dict[str, Any] | None:
     return c.pick(kinds)()
 
 
-@_writer("general_free")
+@WRITERS.register(name="general_free")
 def _general_free(c: _Context) -> dict[str, Any] | None:
     by_object = {o.name: [e for e in c.scene.events if o.name in e.objects] for o in c.scene.objects if o.visible.any()}
     eventful = [n for n, evs in by_object.items() if evs]
@@ -288,75 +283,73 @@ class SyntheticAdapter(Adapter):
 
     name = "synthetic"
 
-    @classmethod
-    def validate_config(cls, config: dict[str, Any]) -> list[str]:
-        problems = []
+    @dataclass(kw_only=True)
+    class Config(AdapterConfig):
+        num_videos: int = setting(64, "scenes to generate, one video each", ge=1)
+        seed: int = setting(0, "seed of the generator: the same seed gives the same videos and records")
+        fps: float = setting(10, "frames per second of the rendered videos", ge=1, le=60)
+        width: int = setting(320, "frame width in pixels (even: H.264 4:2:0)", ge=64)
+        height: int = setting(240, "frame height in pixels (even: H.264 4:2:0)", ge=64)
+        duration_s: list[float] = setting([8.0, 12.0], "each video's length is drawn uniformly from this range")
+        num_objects: list[int] = setting([2, 4], "shapes per video (each a distinct shape and colour)")
+        object_size: list[int] = setting([28, 44], "shape side in pixels")
+        min_visible_fraction: float = setting(
+            MIN_VISIBLE_FRACTION, "a shape is in view (in tracks, key frames, spans, events, first/last seen) only "
+            "where at least this share of its pixels is inside the frame: no sliver at the edge becomes a box",
+            ge=0, le=1)
+        crf: int = setting(CRF, "H.264 quality of the rendered videos", ge=0, le=51)
+        tasks: list[str] = setting(list(TASKS), "the tasks written for each scene, one record each where the scene has one")
+        media_dir: str | None = setting(None, "where the videos are rendered; null: <run>/media/synthetic", path=True)
 
-        def pair(key: str, lo: float, hi: float) -> None:
-            value = config.get(key)
-            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-                    and lo <= value[0] <= value[1] <= hi):
-                problems.append(f"{key}: expected [min, max] with {lo} <= min <= max <= {hi}, got {value!r}")
-
-        for key in ("num_videos", "seed", "width", "height"):
-            if not isinstance(config.get(key), int) or isinstance(config.get(key), bool):
-                problems.append(f"{key}: expected an integer, got {config.get(key)!r}")
-        if problems:
+        def check(self) -> list[str]:
+            problems = [f"{key}: must be even (H.264 4:2:0), got {getattr(self, key)}"
+                        for key in ("width", "height") if getattr(self, key) % 2]
+            for key, lo, hi in (("duration_s", 2.0, 600.0), ("num_objects", 1, len(COLOURS) - 1),
+                                ("object_size", 8, min(self.width, self.height) // 3)):
+                value = getattr(self, key)
+                if not (len(value) == 2 and lo <= value[0] <= value[1] <= hi):
+                    problems.append(f"{key}: expected [min, max] with {lo} <= min <= max <= {hi}, got {value!r}")
+            if not self.tasks or any(t not in TASKS for t in self.tasks):
+                problems.append(f"tasks: expected a non-empty list of {list(TASKS)}, got {self.tasks!r}")
             return problems
-        if config["num_videos"] < 1:
-            problems.append(f"num_videos: must be >= 1, got {config['num_videos']}")
-        for key in ("width", "height"):
-            if config[key] < 64 or config[key] % 2:
-                problems.append(f"{key}: must be even and >= 64 (H.264 4:2:0), got {config[key]}")
-        fps = config.get("fps")
-        if not isinstance(fps, (int, float)) or not 1 <= fps <= 60:
-            problems.append(f"fps: expected a number in [1, 60], got {fps!r}")
-        pair("duration_s", 2.0, 600.0)
-        pair("num_objects", 1, len(COLOURS) - 1)
-        pair("object_size", 8, min(config["width"], config["height"]) // 3)
-        fraction = config.get("min_visible_fraction", MIN_VISIBLE_FRACTION)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-            problems.append(f"min_visible_fraction: expected a number in [0, 1], got {fraction!r}")
-        unknown = [t for t in config.get("tasks") or () if t not in TASKS]
-        if unknown or not config.get("tasks"):
-            problems.append(f"tasks: expected a non-empty list of {list(TASKS)}, got {config.get('tasks')!r}")
-        return problems
+
+    cfg: Config
 
     @property
     def annotations(self) -> str:
         return "synthetic"
 
     def entries(self) -> Sequence[Any]:
-        return range(int(self.config["num_videos"]))
+        return range(self.cfg.num_videos)
 
     def entry_label(self, entry: Any, position: int) -> str:
         return f"video {entry:06d}"
 
     def _params(self) -> dict[str, Any]:
-        return {"width": int(self.config["width"]), "height": int(self.config["height"]),
-                "fps": float(self.config["fps"]), "duration_s": tuple(self.config["duration_s"]),
-                "num_objects": tuple(self.config["num_objects"]), "object_size": tuple(self.config["object_size"]),
-                "min_visible_fraction": float(self.config.get("min_visible_fraction", MIN_VISIBLE_FRACTION))}
+        cfg = self.cfg
+        return {"width": cfg.width, "height": cfg.height, "fps": float(cfg.fps), "duration_s": tuple(cfg.duration_s),
+                "num_objects": tuple(cfg.num_objects), "object_size": tuple(cfg.object_size),
+                "min_visible_fraction": float(cfg.min_visible_fraction)}
 
     def media_dir(self, ctx: UnitContext) -> tuple[str, str]:
         """(uri prefix, filesystem path) of the folder for this parameter set's videos."""
-        params = {"seed": int(self.config["seed"]), **self._params(), "crf": int(self.config.get("crf", 18)),
+        params = {"seed": self.cfg.seed, **self._params(), "crf": self.cfg.crf,
                   "world": WORLD_VERSION}
         digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-        if self.config.get("media_dir"):
-            base = str(self.config["media_dir"])
+        if self.cfg.media_dir:
+            base = self.cfg.media_dir
             return os.path.join(base, digest), os.path.join(base, digest)
         return (f"{ctx.run_uri.rstrip('/')}/media/synthetic/{digest}",
                 f"{ctx.run_path.rstrip('/')}/media/synthetic/{digest}")
 
     def seed(self, entry: Any, position: int, ctx: UnitContext) -> list[dict[str, Any]]:
-        seed = int(self.config["seed"])
+        seed = self.cfg.seed
         scene = simulate(seed, int(entry), **self._params())
         uri_dir, path_dir = self.media_dir(ctx)
         path = f"{path_dir}/{scene.name}.mp4"
-        filesystem = None if self.config.get("media_dir") else ctx.filesystem
+        filesystem = None if self.cfg.media_dir else ctx.filesystem
         if not _exists(path, filesystem):
-            encode_mp4(render(scene), scene.fps, path, filesystem, crf=int(self.config.get("crf", 18)))
+            encode_mp4(render(scene), scene.fps, path, filesystem, crf=self.cfg.crf)
         rng = np.random.default_rng([seed, int(entry), 1])
         c = _Context(scene, rng)
         gt = {"objects": [{"name": o.name, "track": scene.track(o)} for o in scene.objects if o.visible.any()],
@@ -369,7 +362,7 @@ class SyntheticAdapter(Adapter):
         declared = media(f"{uri_dir}/{scene.name}.mp4", fps=scene.fps, num_frames=scene.num_frames,
                          duration_s=scene.duration_s, width=scene.width, height=scene.height)
         records = []
-        for task in self.config["tasks"]:
+        for task in self.cfg.tasks:
             written = WRITERS[task](c)
             if written is None:
                 continue

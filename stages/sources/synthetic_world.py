@@ -42,6 +42,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon")
 EDGES = ("left", "right", "top", "bottom")
 
+#: A shape is in view where at least this share of its pixels is inside the frame (the default of
+#: the synthetic source's `min_visible_fraction`).
+MIN_VISIBLE_FRACTION = 0.5
+#: H.264 quality of the rendered videos (the default of the synthetic source's `crf`).
+CRF = 18
+
 
 @dataclass
 class Event:
@@ -110,7 +116,8 @@ class Scene:
 
 
 def simulate(seed: int, index: int, *, width: int, height: int, fps: float, duration_s: tuple[float, float],
-             num_objects: tuple[int, int], object_size: tuple[int, int], min_visible_fraction: float = 0.5) -> Scene:
+             num_objects: tuple[int, int], object_size: tuple[int, int],
+             min_visible_fraction: float = MIN_VISIBLE_FRACTION) -> Scene:
     """Simulate scene `index` of the synthetic set drawn with `seed`: positions, colours and events.
 
     A shape counts as in view where at least `min_visible_fraction` of its pixels are inside the frame."""
@@ -346,7 +353,7 @@ def render(scene: Scene) -> np.ndarray:
     return frames
 
 
-def encode_mp4(frames: np.ndarray, fps: float, path: str, filesystem: Any = None, crf: int = 18) -> None:
+def encode_mp4(frames: np.ndarray, fps: float, path: str, filesystem: Any = None, crf: int = CRF) -> None:
     """Write frames as H.264 mp4 at `path`: to a temporary name first, then renamed into place.
 
     A unit killed mid-write leaves at most a `.tmp-*` file, never a truncated video under the final

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
+from pipeline.settings import setting
 from pipeline.stage import UnitContext
 from stages.lib.geometry import pixels_to_normalised
-from stages.sources.base import (Adapter, Entry, expect_shape, make_record, media, read_json,
+from stages.sources.base import (Adapter, Entry, TrackSettings, expect_shape, make_record, media, read_json,
                                  register_adapter)
 from stages.lib.schema import meta_dump
 
@@ -75,7 +77,13 @@ class VidSTGEntry(Entry):
 @register_adapter
 class VidSTGAdapter(Adapter):
     name = "vidstg"
-    required_keys = ("annotations", "video_dir")
+
+    @dataclass(kw_only=True)
+    class Config(TrackSettings):
+        trajectories_dir: str | None = setting(None, "VidOR's per-video JSON files with the boxes (<vid>.json); "
+                                                     "null: spans only", path=True)
+
+    cfg: Config
 
     def load_entries(self) -> Sequence[Any]:
         data = read_json(self.annotations)
@@ -127,7 +135,7 @@ class VidSTGAdapter(Adapter):
     def _track(self, e: VidSTGEntry, tid: int, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The target's boxes inside `temporal_gt` from its VidOR trajectory file, and
         `key_frames_per_track` key frames spread evenly over them (first and last included)."""
-        folder = self.config.get("trajectories_dir")
+        folder = self.cfg.trajectories_dir
         if not folder:
             return [], []
         path = _trajectory_index(str(folder)).get(e.vid)
@@ -141,7 +149,7 @@ class VidSTGAdapter(Adapter):
         pixels = np.array([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for _, b in picked], dtype=np.float64)
         boxes = pixels_to_normalised(pixels, e.width, e.height).round(6).tolist()
         track = [{"t_s": round(fid / e.fps, 6), "box": box} for (fid, _), box in zip(picked, boxes)]
-        count = int(self.config.get("key_frames_per_track", 3))
+        count = self.cfg.key_frames_per_track
         keys = sorted(set(np.linspace(0, len(track) - 1, max(1, count)).round().astype(int).tolist()))
         return track, [{"t_s": track[k]["t_s"], "objects": [{"name": name, "box": track[k]["box"]}]} for k in keys]
 

@@ -49,7 +49,6 @@ class VStarEntry(Entry):
 @register_adapter
 class VStarAdapter(Adapter):
     name = "vstar"
-    required_keys = ("annotations", "video_dir")
 
     def load_entries(self) -> Sequence[Any]:
         data = read_json(self.annotations)

@@ -18,21 +18,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from pipeline.config import compose  # noqa: E402
 from stages.annotate import AnnotateStage  # noqa: E402
 from stages.lib.media import FrameReader  # noqa: E402
 
 
 def annotator_config(extra: dict) -> dict:
-    """conf/annotator/transformers.yaml with the v1 prompt set (what Hydra composes, without Hydra)."""
-    config = yaml.safe_load((REPO / "conf" / "annotator" / "transformers.yaml").read_text())
-    config.pop("defaults", None)
-    config["prompts"] = yaml.safe_load((REPO / "conf" / "prompts" / "v1.yaml").read_text())
+    """conf/annotator/transformers.yaml as a build composes it (the v1 prompt set, every default)."""
+    config = OmegaConf.to_container(compose(config_name="annotator/transformers"), resolve=True)["annotator"]
     config.update(extra)
     return config
 

@@ -27,8 +27,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import yaml  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from pipeline.config import compose  # noqa: E402
 from pipeline.testing import unit_context  # noqa: E402
 from stages.sample import SampleStage  # noqa: E402
 from stages.lib.schema import record_id, to_table  # noqa: E402
@@ -102,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs for ratio 1")
     parser.add_argument("--no-scaling", action="store_true", help="skip the Ray 1 vs 2 CPU measurement")
     args = parser.parse_args()
-    config = yaml.safe_load((REPO / "conf" / "sample" / "default.yaml").read_text())
+    config = OmegaConf.to_container(compose()["sample"], resolve=True)
     with tempfile.TemporaryDirectory(prefix="bench-sample-") as tmp:
         scratch = Path(tmp)
         paths = videos(scratch, args.copies)
