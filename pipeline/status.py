@@ -53,7 +53,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
             elif posixpath.basename(unit.error) in names:
                 error = json.loads(run.read_text(unit.error))
                 row["failed" if error.get("final") else "retrying"] += 1
-                row["errors"].append({"partition": p, "unit": f"{node}/{part_name(p)}", "attempt": error.get("attempt"),
+                row["errors"].append({"partition": p, "unit": unit.key(), "attempt": error.get("attempt"),
                                       "error": error.get("error", "")})
             else:
                 row["pending"] += 1
