@@ -21,10 +21,14 @@ What the stage writes:
 - `provenance`: annotator (backend name), model (name@revision), prompt_sha, build_id, and this
   stage's fingerprint added to `stage_fingerprints`.
 
-A record whose frames cannot be read, or whose request the backend can never complete (HTTP 400,
-a template task without the ground truth it needs), goes to the ledger; transient backend trouble
-that outlasts the backend's retries fails the unit after every other response of the unit has been
-sent and cached, and the engine retries the unit (cached calls are free).
+Frames reach the backend as `sample` embedded them: its default size is the annotators'
+`image_max_side`, so none is re-encoded, and a backend that never looks at pixels (the template
+backend, `Backend.needs_pixels = False`) gets requests without images, so no frame is decoded at all.
+
+A record without frames, or whose frames cannot be read, or whose request the backend can never
+complete (HTTP 400, a template task without the ground truth it needs), goes to the ledger;
+transient backend trouble that outlasts the backend's retries fails the unit after every other
+response of the unit has been sent and cached, and the engine retries the unit (cached calls are free).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ from stages.backends import (Backend, BackendChoice, RequestFailed, RequestSetti
                              make_backend)
 from stages.lib import evidence
 from stages.lib.chat import ChatRequest
-from stages.lib.media import FrameReader
+from stages.lib.media import FrameReader, require_frames
 from stages.lib.prompts import PromptSet, record_context, target_answer, write_question
 from stages.lib.response_cache import ResponseCache
 from stages.lib.schema import to_table
@@ -115,8 +119,10 @@ class AnnotateStage(Stage):
         backend without them."""
         return RequestSettings.build(self.config)
 
-    def request_for(self, record: Mapping[str, Any], frames: FrameReader) -> ChatRequest:
-        """The one chat request of a record: frames, prompt, sampling parameters, structured context."""
+    def request_for(self, record: Mapping[str, Any], frames: FrameReader | None) -> ChatRequest:
+        """The one chat request of a record: frames, prompt, sampling parameters, structured context.
+        Without a `frames` reader (a backend that needs no pixels) the request has no images and no
+        frame is read; the record must still have frames."""
         context = record_context(record, self.cfg.max_evidence)
         if not context["question"]:
             context["question"] = write_question(context)
@@ -125,9 +131,11 @@ class AnnotateStage(Stage):
             raise ValueError(f"record {record.get('id')}: field 'options' is empty; a {record['task']} record "
                              "needs the source's options")
         system, prompt = self.prompts.render(record["task"], context)
+        if frames is None:
+            require_frames(record)
         return ChatRequest(
             prompt=prompt,
-            images=tuple(frames.images(record)),
+            images=tuple(frames.images(record)) if frames is not None else (),
             system=system,
             max_new_tokens=self.cfg.max_new_tokens,
             temperature=float(self.cfg.temperature),
@@ -140,7 +148,7 @@ class AnnotateStage(Stage):
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         backend = self._backend(ctx)
         records = table.to_pylist() if table is not None else []
-        frames = FrameReader(self.asked.image_max_side, self.asked.jpeg_quality)
+        frames = FrameReader(self.asked.image_max_side, self.asked.jpeg_quality) if backend.needs_pixels else None
         rejections: list[Rejection] = []
         requests: dict[int, tuple[ChatRequest, str]] = {}
         for i, record in enumerate(records):

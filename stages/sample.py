@@ -56,8 +56,10 @@ class SampleStage(Stage):
                                         ge=0)
         embed_jpeg: bool = setting(True, "store each chosen frame as JPEG bytes, so shards are self-contained")
         jpeg_quality: int = setting(90, "JPEG quality of an embedded frame", ge=1, le=100)
-        jpeg_max_side: int = setting(640, "longest side of an embedded JPEG (boxes are normalised, so unaffected)",
-                                     ge=16)
+        jpeg_max_side: int = setting(
+            448, "longest side of an embedded JPEG (boxes are normalised, so unaffected). The annotators send "
+            "frames at most their image_max_side (448) long, so frames embedded at that size are sent as they "
+            "are; 448 px also covers the reference's video frame budget (128 * 28 * 28 pixels per frame)", ge=16)
         decode_threads: int = setting(1, "decord threads per task; parallelism comes from Ray tasks", ge=1)
         box_tolerance: float = setting(0.01, "a box may exceed the frame by this much (normalised) before it is "
                                              "rejected", ge=0)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.testing import unit_context
 from stages.annotate import AnnotateStage
-from stages.backends.template import PHRASES_SHA
+from stages.backends.template import PHRASES_SHA, TemplateBackend
 from stages.lib import evidence
 from stages.lib.media import FrameReader
 from stages.lib.prompts import PromptSet, record_context
@@ -145,7 +145,7 @@ def test_records_that_cannot_be_annotated_go_to_the_ledger_with_reasons(tmp_path
     assert {r.rule for r in result.rejections} == {"exception", "annotate_request_failed"}
 
 
-def test_frames_are_decoded_from_the_video_when_not_embedded(tmp_path, fixtures_dir):
+def test_frames_are_decoded_from_the_video_when_not_embedded(tmp_path, fixtures_dir, monkeypatch):
     import decord
 
     clip = fixtures_dir / "vidstg" / "5587257558.mp4"
@@ -165,6 +165,7 @@ def test_frames_are_decoded_from_the_video_when_not_embedded(tmp_path, fixtures_
     assert Image.open(io.BytesIO(small[0].jpeg)).size == (160, 90)
 
     beyond = dict(record, id="far", task="temporal", frames=[{"t_s": 9.0, "index": 9999, "image": None}])
+    monkeypatch.setattr(TemplateBackend, "needs_pixels", True)  # as a backend that reads the frames
     result = AnnotateStage(annotator_config("template")).process(to_table([record, beyond]), unit_context(tmp_path))
     assert [r["id"] for r in result.table.to_pylist()] == ["v"]
     (rejection,) = result.rejections

@@ -54,8 +54,8 @@ class BackendConfig(Settings):
 
 @dataclass(kw_only=True)
 class RequestSettings(BackendConfig):
-    """How a backend that runs a model is asked: the size of the frames it is sent and its extra
-    sampling fields. The stage builds each request with them, so
+    """How a backend that runs a model is asked: the size of the frames it is sent (it looks at them,
+    `Backend.needs_pixels`) and its extra sampling fields. The stage builds each request with them, so
     they are part of the cache key; a backend that reads neither (the template) has neither to set."""
 
     image_max_side: int | None = setting(448, "longest side of a frame sent to the model; larger frames are "
@@ -83,6 +83,9 @@ class Backend(ABC):
     cfg: BackendConfig
     #: False where a response costs nothing to recompute (the template backend): not worth a cache file.
     cacheable: ClassVar[bool] = True
+    #: False where the backend never looks at the frames (the template backend): the caller then
+    #: sends requests without images and decodes no frame for them.
+    needs_pixels: ClassVar[bool] = True
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)

@@ -281,6 +281,7 @@ class TemplateBackend(PerRequestBackend):
 
     name = "template"
     cacheable = False
+    needs_pixels = False  # it writes from the ground truth alone
 
     @dataclass(kw_only=True)
     class Config(BackendConfig):

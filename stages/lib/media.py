@@ -174,6 +174,18 @@ def time_order(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return sorted(record.get("frames") or [], key=lambda f: (f["t_s"], f.get("index") or 0))
 
 
+def _where(record: Mapping[str, Any]) -> str:
+    """How an error names a record: its shard (`_file`) when known, and its id."""
+    return f"{record['_file']}: record {record.get('id')!r}" if record.get("_file") else f"record {record.get('id')}"
+
+
+def require_frames(record: Mapping[str, Any], frames: Sequence[Mapping[str, Any]] | None = None) -> None:
+    """InputError naming the record when it has no frames (`frames`, else the record's own): what a
+    reader that needs no pixels (the template annotator) still checks, without decoding any."""
+    if not (record.get("frames") if frames is None else frames):
+        raise InputError(f"{_where(record)}: field 'frames' is empty; the sample stage must choose frames first")
+
+
 class FrameReader:
     """The pixels of a record's frames: the embedded `frames[].image` JPEG, or decoded from `media.uri` at
     the frames' indices.
@@ -204,9 +216,8 @@ class FrameReader:
                base_dir: Path | None = None) -> list[bytes | np.ndarray]:
         """Per frame of `frames` (frames of `record`): its embedded JPEG bytes, else its decoded RGB array.
         InputError naming the record (and its shard, `_file`, when known) when a frame cannot be read."""
-        where = f"{record['_file']}: record {record.get('id')!r}" if record.get("_file") else f"record {record.get('id')}"
-        if not frames:
-            raise InputError(f"{where}: field 'frames' is empty; the sample stage must choose frames first")
+        require_frames(record, frames)
+        where = _where(record)
         out: list[bytes | np.ndarray | None] = [frame_jpeg(f) for f in frames]
         todo = [i for i, value in enumerate(out) if value is None]
         if todo:
@@ -229,7 +240,9 @@ class FrameReader:
         return out  # type: ignore[return-value]
 
     def images(self, record: Mapping[str, Any]) -> list[LabelledImage]:
-        """The record's frames in time order as JPEG, each labelled `Frame k at t s:` (k from 1)."""
+        """The record's frames in time order as JPEG, each labelled `Frame k at t s:` (k from 1). An
+        embedded JPEG within `max_side` is passed on as it is (only its header is read); `sample`
+        embeds frames at the annotators' default size, so by default none is re-encoded."""
         frames = time_order(record)
         jpegs = [fit_jpeg(p, self.max_side, self.quality) if isinstance(p, bytes) else encode_jpeg(p, self.max_side, self.quality)
                  for p in self.pixels(record, frames)]
