@@ -117,6 +117,7 @@ class Threshold(Stage):
 class Total(Stage):
     name = "test_total"
     needs_all_input = True
+    Config = TestConfig
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         _mark(self.cfg, ctx)
