@@ -10,7 +10,6 @@ import sys
 from typing import Sequence
 
 from pipeline.errors import EXIT_INTERRUPTED, UserError
-from pipeline.registry import load_entry_points
 from pipeline.status import open_run
 
 #: What a Unix tool killed by SIGPIPE reports (128 + 13), e.g. `stgr status --json DIR | head -1`.
@@ -94,7 +93,18 @@ def _subparser(sub: argparse._SubParsersAction, name: str, help: str, descriptio
     return sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def make_parser() -> argparse.ArgumentParser:
+#: The engine's own subcommands. Running one loads no `stgr.commands` entry point, so `stgr status`
+#: imports no stage or training code (most of its start-up time was those imports).
+ENGINE_COMMANDS = frozenset({"build", "resume", "status"})
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` names: its first word that is not an option (the global options take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The `stgr` parser; with `plugins`, also the subcommands of the `stgr.commands` entry points."""
     parser = argparse.ArgumentParser(prog="stgr", description="Build STGR datasets on Ray and train grounded video reasoners.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,8 +132,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
 
-    for register in load_entry_points("stgr.commands").values():
-        register(sub)
+    if plugins:
+        from pipeline.registry import load_entry_points
+
+        for register in load_entry_points("stgr.commands").values():
+            register(sub)
     return parser
 
 
@@ -131,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. A UserError is one line and its exit code (2); Ctrl-C outside a build is
     one line and 130 (a build says itself what committed); a reader that closes the pipe (`| head`)
     ends the command quietly, as for any Unix tool."""
-    parser = make_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser(plugins=_command(argv) not in ENGINE_COMMANDS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

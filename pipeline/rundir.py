@@ -6,7 +6,7 @@
     <run>/stages/<node>/<fingerprint>/part-00007.parquet
     <run>/stages/<node>/<fingerprint>/_part-00007.json   # commit record, written last, exactly once
     <run>/stages/<node>/<fingerprint>/_part-00007.error.json  # last failure of an uncommitted unit
-    <run>/ledger/<node>/<fingerprint>/part-00007.parquet
+    <run>/ledger/<node>/<fingerprint>/part-00007.parquet   # only when the unit rejected a record
 
 The records' leading underscore makes Parquet readers skip them (pyarrow's dataset discovery ignores
 names starting with `_` or `.`), so `pd.read_parquet("<run>/stages/align")` reads a stage's output.
@@ -20,7 +20,9 @@ fingerprint, so a straggler from a killed build writes the same bytes to the sam
 
 The record holds the sha256 of the unit's data and ledger files. A unit that reads them checks it
 (`read_verified`): a bit flip, a truncation or a lost file is `CorruptUnit`, and the damaged unit is
-withdrawn (`invalidate`) so that the next pass of the build recomputes it.
+withdrawn (`invalidate`) so that the next pass of the build recomputes it. Most units reject
+nothing, so an empty ledger is no file at all: the record says `"ledger": null` (a third of a run's
+files were empty ledgers), and it reads back as an empty ledger table.
 
 The run directory may be any pyarrow filesystem URI (local path, file://, s3://, gs://, hdfs://).
 """
@@ -315,6 +317,13 @@ def table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
+def empty_ledger() -> bytes:
+    """What the ledger of a unit that rejected nothing reads as (no file is written for it); made on
+    first use, since writing Parquet imports pandas, which `stgr status` never needs."""
+    return table_bytes(LEDGER_SCHEMA.empty_table())
+
+
 @dataclass(frozen=True)
 class Unit:
     """One (node, partition) unit of work and where its files live."""
@@ -366,11 +375,18 @@ def read_commit(run: RunDir, unit: Unit) -> dict[str, Any] | None:
         return None
 
 
+def has_ledger(record: dict[str, Any]) -> bool:
+    """Whether the unit of this commit record wrote a ledger file (it did not when it rejected nothing)."""
+    return record.get("ledger", "") is not None
+
+
 def read_verified(run: RunDir, unit: Unit, ledger: bool = False) -> bytes:
     """A committed unit's data (or ledger) file, checked against the sha256 in its commit record.
 
     Raises CorruptUnit naming the file when the record is gone or unreadable, the file is missing, or
-    its bytes differ. Records written before digests were kept are trusted as they are.
+    its bytes differ. Records written before digests were kept are trusted as they are. The ledger of
+    a unit that rejected nothing has no file: it reads as `empty_ledger()` (a file left there by an
+    earlier attempt is not the committed ledger, and is not read).
     """
     rel = unit.ledger if ledger else unit.data
     try:
@@ -379,6 +395,8 @@ def read_verified(run: RunDir, unit: Unit, ledger: bool = False) -> bytes:
         raise CorruptUnit(unit, f"{run.uri}/{unit.record}", "no commit record (the unit was invalidated)") from None
     except ValueError as exc:
         raise CorruptUnit(unit, f"{run.uri}/{unit.record}", f"commit record is not valid JSON ({exc})") from None
+    if ledger and not has_ledger(record):
+        return empty_ledger()
     try:
         data = run.read_bytes(rel)
     except FileNotFoundError:
@@ -416,7 +434,8 @@ def verify_committed(run: RunDir, units: list[Unit]) -> list[str]:
 
 
 def commit(run: RunDir, unit: Unit, table: pa.Table, ledger_rows: list[dict[str, Any]], record: dict[str, Any]) -> bool:
-    """Write data, ledger, then the commit record. Returns False when the unit was already committed.
+    """Write data, ledger (only when there are `ledger_rows`), then the commit record. Returns False
+    when the unit was already committed.
 
     The early return makes a straggler's late commit a no-op, and the record's exclusive create
     decides a race between two attempts; a crash between the writes leaves files without a
@@ -425,11 +444,15 @@ def commit(run: RunDir, unit: Unit, table: pa.Table, ledger_rows: list[dict[str,
     if is_committed(run, unit):
         return False
     data = table_bytes(table)
-    ledger = table_bytes(pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA))
     run.write_atomic(unit.data, data)
-    run.write_atomic(unit.ledger, ledger)
-    record = {**record, "committed_at": time.time(), "data": unit.data, "ledger": unit.ledger,
-              "sha256": sha256(data), "bytes": len(data), "ledger_sha256": sha256(ledger), "ledger_bytes": len(ledger)}
+    record = {**record, "committed_at": time.time(), "data": unit.data, "sha256": sha256(data), "bytes": len(data)}
+    if ledger_rows:
+        ledger = table_bytes(pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA))
+        run.write_atomic(unit.ledger, ledger)
+        record.update(ledger=unit.ledger, ledger_sha256=sha256(ledger), ledger_bytes=len(ledger))
+    else:
+        run.delete(unit.ledger)  # an earlier attempt's rows, if any, are not this commit's
+        record["ledger"] = None
     if not run.create_exclusive(unit.record, json.dumps(record, indent=2, sort_keys=True).encode()):
         return False
     with suppress(OSError):  # a stale error note only; `stgr status` reads the record first

@@ -36,9 +36,10 @@ def ray_tmp() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def overrides(ray_tmp: str) -> list[str]:
-    """One synthetic video per partition, so each partition can carry a different damage."""
+    """One synthetic video per partition, so each partition can carry a different damage; a strict
+    `box_too_large` makes some filter units reject records (a unit that rejects none has no ledger file)."""
     return [f"source.num_videos={VIDEOS}", "source.records_per_partition=1", "cluster.num_cpus=2",
-            f"cluster.temp_dir={ray_tmp}"]
+            "filter.rules.box_too_large.threshold=0.02", f"cluster.temp_dir={ray_tmp}"]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,12 @@ def test_damaged_stage_files_are_detected_and_recomputed(tmp_path: Path, referen
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     damaged = []
-    for partition, (node, kind) in enumerate([("source", "stages"), ("sample", "stages"), ("annotate", "stages"),
-                                              ("align", "stages"), ("filter", "stages"), ("filter", "ledger")]):
+    ledgered = [p for p in range(VIDEOS) if _unit_file(run, "filter", p, "ledger").exists()]
+    assert ledgered, "no filter unit of the reference build rejected a record"
+    others = [p for p in range(VIDEOS) if p != ledgered[-1]]
+    damages = [*zip(others, [("source", "stages"), ("sample", "stages"), ("annotate", "stages"), ("align", "stages"),
+                             ("filter", "stages")]), (ledgered[-1], ("filter", "ledger"))]
+    for partition, (node, kind) in damages:
         path = _unit_file(run, node, partition, kind)
         if node == "align":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a truncated file
