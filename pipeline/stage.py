@@ -99,11 +99,14 @@ class StageReport:
 
 @dataclass
 class StageResult:
-    """What one unit of work produces: the kept rows, the ledger rows and an optional report."""
+    """What one unit of work produces: the kept rows, the ledger rows, an optional report and what its
+    model calls cost (`cost`, JSON-ready: kept as it is in the commit record, where `stgr status`, the
+    manifest and the card sum it; see stages/lib/cost.py)."""
 
     table: pa.Table
     rejections: list[Rejection] = field(default_factory=list)
     report: StageReport | None = None
+    cost: dict[str, Any] | None = None
 
 
 @dataclass(kw_only=True)

@@ -106,6 +106,8 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
     }
     if result.report is not None:
         record["report"] = dataclasses.asdict(result.report)
+    if result.cost is not None:
+        record["cost"] = result.cost
     try:
         committed = commit(run, task.unit, result.table, ledger_rows, record)
     except OSError as exc:  # the run directory is full, read-only or unreachable: the unit's attempt fails
