@@ -104,6 +104,11 @@ class AnnotateStage(Stage):
     def setup(self, ctx: UnitContext) -> None:
         self.backend: Backend = make_backend(self.config)
 
+    def wants_full(self) -> tuple[str, ...]:
+        """The frames' stored JPEGs only for a backend that looks at pixels: the template reads none."""
+        backend = getattr(self, "backend", None)
+        return () if backend is not None and not backend.needs_pixels else ("frames",)
+
     @cached_property
     def prompts(self) -> PromptSet:
         return PromptSet(self.cfg.prompts)

@@ -56,6 +56,7 @@ class VerifyStage(Stage):
     name = "verify"
     version = "1"
     actor = True
+    full_columns = ("frames",)  # the crops are cut from the stored JPEGs
 
     @dataclass(kw_only=True)
     class Config(TruthSettings, BackendChoice, ActorConfig):
