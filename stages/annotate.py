@@ -29,6 +29,9 @@ A record without frames, or whose frames cannot be read, or whose request the ba
 complete (HTTP 400, a template task without the ground truth it needs), goes to the ledger;
 transient backend trouble that outlasts the backend's retries fails the unit after every other
 response of the unit has been sent and cached, and the engine retries the unit (cached calls are free).
+
+What the unit's calls cost (tokens, images, seconds, dollars at `annotator.price`; cache hits as
+saved) is its `StageResult.cost` (`stages.lib.cost`), kept in its commit record.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from stages.backends import (Backend, BackendChoice, RequestFailed, RequestSetti
                              make_backend)
 from stages.lib import evidence
 from stages.lib.chat import ChatRequest
+from stages.lib.cost import CostMeter, cache_paid, read_cached, unit_cost
 from stages.lib.media import FrameReader, require_frames
 from stages.lib.prompts import PromptSet, record_context, target_answer, write_question
 from stages.lib.response_cache import ResponseCache
@@ -166,7 +170,8 @@ class AnnotateStage(Stage):
             key = request.cache_key(backend.model_id) if backend.cacheable else f"record-{i}"
             requests[i] = (request, key)
 
-        responses, failed = self._responses(backend, ctx, {key: request for request, key in requests.values()})
+        meter = CostMeter.for_backend(backend)
+        responses, failed = self._responses(backend, ctx, {key: request for request, key in requests.values()}, meter)
 
         rows = []
         for i, (request, key) in requests.items():
@@ -192,36 +197,35 @@ class AnnotateStage(Stage):
             )
             row["provenance"] = provenance
             rows.append(row)
-        return StageResult(to_table(rows), rejections)
+        return StageResult(to_table(rows), rejections, cost=unit_cost(meter, backend))
 
-    def _responses(self, backend: Backend, ctx: UnitContext,
-                   by_key: Mapping[str, ChatRequest]) -> tuple[dict[str, str], dict[str, RequestFailed]]:
+    def _responses(self, backend: Backend, ctx: UnitContext, by_key: Mapping[str, ChatRequest],
+                   meter: CostMeter) -> tuple[dict[str, str], dict[str, RequestFailed]]:
         """Responses by cache key, and the requests that can never succeed: cached ones are read, the
-        rest generated `batch_size` at a time, each batch cached before the next is sent.
+        rest generated `batch_size` at a time, each batch cached (with what it used) before the next
+        is sent; `meter` counts the calls and the cache hits.
 
         Records with the same key (the same question on the same frames) cost one call.
         """
         cache = ResponseCache.for_run(ctx.filesystem, ctx.run_path) if backend.cacheable else None
-        responses: dict[str, str] = {}
-        if cache is not None:
-            responses = {k: entry.response for k, entry in cache.get_many(by_key).items()}
+        responses = read_cached(cache, by_key, meter, ctx) if cache is not None else {}
         failed: dict[str, RequestFailed] = {}
         todo = [k for k in by_key if k not in responses]
         batch_size = self.cfg.batch_size
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            results = backend.generate_each([by_key[k] for k in chunk])
+            results, usages = meter.call(backend, [by_key[k] for k in chunk])
             if len(results) != len(chunk):
                 raise RuntimeError(f"backend {backend.name!r} returned {len(results)} completions for "
                                    f"{len(chunk)} requests")
-            for key, result in zip(chunk, results):
+            for key, result, usage in zip(chunk, results, usages):
                 if isinstance(result, RequestFailed):
                     failed[key] = result
                     continue
                 if not isinstance(result, str):
                     raise TypeError(f"backend {backend.name!r} returned {type(result).__name__}, expected str")
                 if cache is not None:
-                    cache.put(key, backend.model_id, result)
+                    cache_paid(cache, key, backend.model_id, result, usage, ctx)
                 responses[key] = result
         transient = {k: f for k, f in failed.items() if f.retryable}
         if transient:

@@ -14,7 +14,8 @@ Not in the default DAG. Add it between align and filter:
         '+dag.verify={stage: verify, after: [align], config: verify}' 'dag.filter.after=[verify]' \\
         filter.rules.verified.enabled=true
 
-Responses are cached under `<run>/cache/verify/` like annotate's, so a resumed build never pays twice.
+Responses are cached under `<run>/cache/verify/` like annotate's, so a resumed build never pays twice,
+and the unit's calls are priced at `verify.price` into its commit record's cost (`stages.lib.cost`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pipeline.settings import Settings, setting
 from pipeline.stage import ActorConfig, Rejection, Stage, StageResult, UnitContext, record_error
 from stages.backends import Backend, BackendChoice, RequestFailed, backend_parts, make_backend
 from stages.lib.chat import ChatRequest, LabelledImage
+from stages.lib.cost import CostMeter, cache_paid, read_cached, unit_cost
 from stages.lib.media import FrameReader, crop
 from stages.lib.response_cache import ResponseCache
 from stages.lib.schema import SCORES, conform
@@ -109,16 +111,19 @@ class VerifyStage(Stage):
             )
         return requests
 
-    def _answers(self, ctx: UnitContext, by_key: Mapping[str, ChatRequest]) -> tuple[dict[str, str], dict[str, RequestFailed]]:
-        """Answers by cache key: cached ones read, the rest generated and cached batch by batch."""
+    def _answers(self, ctx: UnitContext, by_key: Mapping[str, ChatRequest],
+                 meter: CostMeter) -> tuple[dict[str, str], dict[str, RequestFailed]]:
+        """Answers by cache key: cached ones read, the rest generated and cached batch by batch;
+        `meter` counts the calls and the cache hits."""
         cache = ResponseCache.for_run(ctx.filesystem, ctx.run_path, CACHE_SUBDIR) if self.backend.cacheable else None
-        answers = {k: e.response for k, e in cache.get_many(by_key).items()} if cache is not None else {}
+        answers = read_cached(cache, by_key, meter, ctx) if cache is not None else {}
         failed: dict[str, RequestFailed] = {}
         todo = [k for k in by_key if k not in answers]
         size = self.cfg.batch_size
         for start in range(0, len(todo), size):
             chunk = todo[start:start + size]
-            for key, result in zip(chunk, self.backend.generate_each([by_key[k] for k in chunk]), strict=True):
+            results, usages = meter.call(self.backend, [by_key[k] for k in chunk])
+            for key, result, usage in zip(chunk, results, usages, strict=True):
                 if isinstance(result, RequestFailed):
                     if result.retryable:
                         raise RuntimeError(f"verify: backend {self.backend.name!r} still failing after retries "
@@ -126,7 +131,7 @@ class VerifyStage(Stage):
                     failed[key] = result
                     continue
                 if cache is not None:
-                    cache.put(key, self.backend.model_id, result)
+                    cache_paid(cache, key, self.backend.model_id, result, usage, ctx)
                 answers[key] = result
         return answers, failed
 
@@ -148,7 +153,8 @@ class VerifyStage(Stage):
             keys = {j: request.cache_key(self.backend.model_id) for j, request in requests.items()}
             by_key.update({keys[j]: request for j, request in requests.items()})
             asked[i] = keys
-        answers, failed = self._answers(ctx, by_key)
+        meter = CostMeter.for_backend(self.backend)
+        answers, failed = self._answers(ctx, by_key, meter)
         keep, scores = [], []
         for i, keys in asked.items():
             record = records[i]
@@ -169,4 +175,5 @@ class VerifyStage(Stage):
             scores.append(score)
         kept = table.take(pa.array(keep, pa.int64()))
         column = pa.array(scores, type=SCORES)
-        return StageResult(kept.set_column(kept.schema.get_field_index("scores"), "scores", column), rejections)
+        return StageResult(kept.set_column(kept.schema.get_field_index("scores"), "scores", column), rejections,
+                           cost=unit_cost(meter, self.backend))

@@ -4,7 +4,9 @@
 images) whose completions come from the tiny model through transformers `generate`. It counts every
 call, and can fail a share of them with 500s, 429s and timeouts (hanging past the client's timeout),
 chosen per request body and attempt, so the tests can check at the server that every record is
-annotated exactly once: nothing lost, nothing paid for twice.
+annotated exactly once: nothing lost, nothing paid for twice. Each answer reports its `usage` as an
+endpoint does (the tiny model's token counts; `answer`'s own texts by `words_usage`), kept in `usage`
+so the cost ledger can be held to what the endpoint billed.
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ from stages.lib.schema import frame_image, to_table
 from tests.test_annotate import annotator_config, jpeg, seed_record
 
 MAX_NEW_TOKENS = 12
+
+
+def words_usage(request: ChatRequest, text: str) -> dict[str, int]:
+    """The usage the server bills for an answer it did not generate: words, and 64 tokens per image."""
+    prompt = f"{request.system or ''} {request.prompt}"
+    return {"prompt_tokens": len(prompt.split()) + 64 * len(request.images), "completion_tokens": len(text.split())}
 
 
 def request_from_body(body: dict[str, Any]) -> ChatRequest:
@@ -67,17 +75,20 @@ class TinyModelServer:
     """POST /v1/chat/completions answered by the tiny model. `fail(body_sha, attempt, body)` may return
     an HTTP status to answer with ("500", "429", ...), "timeout" (hang past the client's timeout) or
     None (answer normally). Counts calls per body, and successful answers per body; keeps the bodies
-    it answers (`bodies`), and answers 400 to a body not in `stages.lib.chat`'s layout."""
+    it answers (`bodies`) and the usage it reports (`usage`), and answers 400 to a body not in
+    `stages.lib.chat`'s layout. `answer(request)` (e.g. a correct trace) replaces the model's text."""
 
     def __init__(self, model_dir: str, fail: Callable[[str, int, dict[str, Any]], str | None] | None = None,
                  api_key: str | None = None, client_timeout_s: float = 8.0, hang_s: float = 9.0,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, answer: Callable[[ChatRequest], str] | None = None) -> None:
         self.backend = make_backend({"backend": "transformers", "model": str(model_dir)})
         self.fail = fail
         self.api_key = api_key
         self.client_timeout_s = client_timeout_s
         self.hang_s = hang_s
         self.delay_s = delay_s
+        self.answer = answer
+        self.usage: list[dict[str, int]] = []
         self.lock = threading.Lock()
         self.generate_lock = threading.Lock()
         self.calls: collections.Counter[str] = collections.Counter()
@@ -146,12 +157,20 @@ class TinyModelServer:
                         with server.lock:
                             server.bodies.append(body)
                         time.sleep(server.delay_s)
-                        with server.generate_lock:
-                            text = server.backend.generate([request])[0]
+                        if server.answer is not None:
+                            text = server.answer(request)
+                            usage = words_usage(request, text)
+                        else:
+                            with server.generate_lock:
+                                text = server.backend.generate([request])[0]
+                                (used,) = server.backend.last_usage
+                            usage = {"prompt_tokens": used.input_tokens, "completion_tokens": used.output_tokens}
+                        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
                         with server.lock:
                             server.delivered[key] += 1
+                            server.usage.append(usage)
                         self._send(200, {"id": f"chatcmpl-{key[:12]}", "object": "chat.completion",
-                                         "model": body["model"],
+                                         "model": body["model"], "usage": usage,
                                          "choices": [{"index": 0, "finish_reason": "stop",
                                                       "message": {"role": "assistant", "content": text}}]})
                 finally:

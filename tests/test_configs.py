@@ -122,7 +122,7 @@ def test_the_backend_and_adapter_settings_come_with_the_one_they_name() -> None:
     assert {"concurrency", "api_key_env", "base_url", "batch_size", "image_max_side", "prompts"} <= set(block)
     excluded = set(AnnotateStage.excluded_keys(block))
     assert {"concurrency", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "api_key_env", "batch_size",
-            "num_cpus", "num_gpus", "num_actors", "memory"} == excluded
+            "num_cpus", "num_gpus", "num_actors", "memory", "price"} == excluded
     assert AnnotateStage.marked_keys(block, "env") == ("api_key_env",)
     plan = compose_plan(["source=vidstg", "source.annotations=anno.json", "source.video_dir=videos"])
     config = plan.nodes["source"].config

@@ -5,6 +5,10 @@ times) into completions. The annotator, the verifier and `stgr eval` all go thro
 that works for one works for all. Backends register with `register_backend` (in `BACKENDS`, which
 imports every module of this package when first read) and declare their settings as a `Config`
 dataclass (`BackendConfig`); heavy libraries are imported in `__init__`/`load`.
+
+What a call costs (`stages.lib.cost`): a backend that can count tokens sets `last_usage`, one
+`Usage` per request of its latest call, and says how many GPUs it computes on (`gpus`); every backend
+has a `price` setting. The caller (`CostMeter.call`) times the call and prices it.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 from pipeline.registry import Registry
 from pipeline.settings import Settings, setting
 from stages.lib.chat import ChatRequest
+from stages.lib.cost import PRICE_DEFAULT, Usage, price_problems
 
 
 class RequestFailed(Exception):
@@ -43,13 +48,19 @@ class BackendConfig(Settings):
     """Base of a backend's settings: read from the config block of the stage that uses the backend
     (`annotator`, `verify`) or from evaluation's backend options. A setting that says how requests are
     sent, never what is asked (connections, timeouts, retries), is marked `run`: the stage leaves it
-    out of its fingerprint."""
+    out of its fingerprint; so is `price`, which says what a call costs, not what it computes."""
+
+    price: dict[str, float] = setting(PRICE_DEFAULT, "USD the cost ledger charges: input_per_mtok and output_per_mtok "
+                                                     "per million tokens (API backends), per_gpu_hour per hour of one "
+                                                     "GPU (local backends); 0: free", run=True)
 
     @classmethod
     def problems(cls, config: Mapping[str, Any], owner: str) -> list[str]:
         found = ["api_key: never put a secret in the config (it is stored in the run directory); "
                  "name the environment variable that holds it in api_key_env"] if "api_key" in config else []
-        return found + super().problems(config, owner)
+        found += super().problems(config, owner)
+        price = config.get("price")
+        return found + (price_problems(price) if isinstance(price, Mapping) and not found else [])
 
 
 @dataclass(kw_only=True)
@@ -86,6 +97,12 @@ class Backend(ABC):
     #: False where the backend never looks at the frames (the template backend): the caller then
     #: sends requests without images and decodes no frame for them.
     needs_pixels: ClassVar[bool] = True
+    #: The GPUs the backend computes on (its accelerator-seconds are its calls' wall seconds times
+    #: these): 0 for an API or the CPU; a local backend on CUDA sets its own.
+    gpus: float = 0.0
+    #: One `Usage` per request of the latest `generate`/`generate_each` call, set by a backend that
+    #: counts tokens (None: it counted none, and the cost ledger says so).
+    last_usage: list[Usage] | None = None
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)

@@ -11,6 +11,9 @@ non-retryable `RequestFailed` (that record goes to the ledger). Transient troubl
 comes back as a retryable `RequestFailed`: the annotate stage caches every other response first,
 then fails the unit so the engine retries it (paying only for the missing calls).
 
+Token counts for the cost ledger are the endpoint's own: `usage.prompt_tokens` and
+`usage.completion_tokens` of each answer (`response_usage`); an answer without them is unmetered.
+
 The API key is read from the environment variable named by `api_key_env` when the backend is built
 (on the worker, which the build hands the value to: pipeline.redact); the key is never part of the
 config, which is stored in the run directory, and is cut out of every error text the backend makes
@@ -30,6 +33,7 @@ from pipeline.redact import Secrets, scrub
 from pipeline.settings import setting
 from stages.backends import AuthenticationFailed, ModelConfig, PerRequestBackend, RequestFailed, register_backend
 from stages.lib.chat import ChatRequest, frames_content
+from stages.lib.cost import Usage
 
 #: HTTP statuses worth another try: rate limits, overload, gateway trouble, request timeouts.
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -69,6 +73,16 @@ def completion_text(data: Any) -> str:
     if not isinstance(content, str):
         raise ValueError(f"choices[0].message.content is {type(content).__name__}, expected text")
     return content
+
+
+def response_usage(data: Any, images: int) -> Usage:
+    """The tokens an endpoint says one answer used (`usage.prompt_tokens`, `usage.completion_tokens`);
+    unmetered (0 tokens) when it says nothing readable: the ledger never guesses a bill."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    counts = [usage.get(k) if isinstance(usage, dict) else None for k in ("prompt_tokens", "completion_tokens")]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        return Usage(images=images, metered=False)
+    return Usage(input_tokens=counts[0], output_tokens=counts[1], images=images)
 
 
 @register_backend
@@ -117,15 +131,18 @@ class OpenAIBackend(PerRequestBackend):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(coroutine)
-        # Called from inside an event loop (a notebook, an async actor): run ours on its own thread.
-        box: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: box.update(result=asyncio.run(coroutine)))
-        thread.start()
-        thread.join()
-        return box["result"]
+            answers = asyncio.run(coroutine)
+        else:
+            # Called from inside an event loop (a notebook, an async actor): run ours on its own thread.
+            box: dict[str, Any] = {}
+            thread = threading.Thread(target=lambda: box.update(result=asyncio.run(coroutine)))
+            thread.start()
+            thread.join()
+            answers = box["result"]
+        self.last_usage = [usage for _, usage in answers]
+        return [result for result, _ in answers]
 
-    async def _generate_all(self, requests: list[ChatRequest]) -> list[str | RequestFailed]:
+    async def _generate_all(self, requests: list[ChatRequest]) -> list[tuple[str | RequestFailed, Usage]]:
         import httpx
 
         semaphore = asyncio.Semaphore(self.concurrency)
@@ -157,7 +174,10 @@ class OpenAIBackend(PerRequestBackend):
         return (f"authentication failed: {self.base_url}/chat/completions answered HTTP {status} to {key}; "
                 f"every request would be refused, so the unit fails: {scrub(body[:300], self.secrets)}")
 
-    async def _one(self, client: Any, semaphore: asyncio.Semaphore, request: ChatRequest) -> str | RequestFailed:
+    async def _one(self, client: Any, semaphore: asyncio.Semaphore,
+                   request: ChatRequest) -> tuple[str | RequestFailed, Usage]:
+        """The answer to one request, and what the endpoint said it used (0 tokens for a request it
+        refused or never answered: an endpoint bills answers)."""
         import httpx
 
         body = chat_body(request, str(self.model))
@@ -175,7 +195,8 @@ class OpenAIBackend(PerRequestBackend):
                     status = response.status_code
                     if status == 200:
                         try:
-                            return completion_text(response.json())
+                            data = response.json()
+                            return completion_text(data), response_usage(data, len(request.images))
                         except ValueError as exc:
                             last = f"HTTP 200 with an unreadable body: {exc}"
                     elif status in AUTH_STATUS:
@@ -185,8 +206,9 @@ class OpenAIBackend(PerRequestBackend):
                         retry_after = response.headers.get("retry-after")
                     else:
                         return RequestFailed(f"HTTP {status} from {self.base_url}/chat/completions: "
-                                             f"{scrub(response.text[:500], self.secrets)}", retryable=False)
+                                             f"{scrub(response.text[:500], self.secrets)}",
+                                             retryable=False), Usage(images=len(request.images))
             if attempt < self.max_retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))
         return RequestFailed(f"{self.base_url}/chat/completions: gave up after {self.max_retries + 1} attempts; "
-                             f"last: {last}", retryable=True)
+                             f"last: {last}", retryable=True), Usage(images=len(request.images))

@@ -35,6 +35,7 @@ from pipeline.settings import setting
 from stages.backends import BackendConfig, PerRequestBackend, RequestFailed, register_backend
 from stages.lib.answers import answer_truth
 from stages.lib.chat import ChatRequest
+from stages.lib.cost import Usage
 from stages.lib.evidence import Claim, render_claim
 from stages.lib.geometry import CANONICAL
 from stages.lib.prompts import QUESTIONS, event_label, record_rng, subject_of
@@ -303,6 +304,9 @@ class TemplateBackend(PerRequestBackend):
                 out.append(write_response(request.context, self.cfg.max_cites))
             except RequestFailed as exc:
                 out.append(exc)
+        # No model runs: no token is used, so the cost ledger counts the calls at 0 tokens (not
+        # unmetered), whatever the price. Counting the prompt's words would bill work nobody did.
+        self.last_usage = [Usage() for _ in requests]
         return out
 
     def prompt_sha(self, template_sha: str) -> str:

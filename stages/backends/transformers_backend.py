@@ -6,6 +6,10 @@ right after its `Frame k at t s:` label (structured chat content in `stages.lib.
 so the chat template puts each image at its label rather than all images first). Requests are
 generated in padded batches of the stage's `batch_size`, grouped by sampling parameters, with left
 padding so every row's new tokens start at the same position.
+
+Token counts for the cost ledger come from the processor: a request's input tokens are its row of
+the attention mask (text and image tokens), its output tokens those generated up to and including
+the first stop token (`generated_lengths`). On CUDA the backend computes on one GPU (`gpus`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Any
 from pipeline.settings import setting
 from stages.backends import Backend, ModelConfig, register_backend
 from stages.lib.chat import ChatRequest, frames_content
+from stages.lib.cost import Usage
 
 
 def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
@@ -28,6 +33,16 @@ def chat_messages(request: ChatRequest) -> list[dict[str, Any]]:
         messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
     messages.append({"role": "user", "content": content})
     return messages
+
+
+def generated_lengths(new_tokens: Any, stop_ids: set[int]) -> list[int]:
+    """Tokens each row generated: up to and including its first stop token (`generate` fills the rows
+    that stopped early with padding), all of them for a row that never stopped."""
+    lengths = []
+    for row in new_tokens.tolist():
+        stop = next((i for i, token in enumerate(row) if token in stop_ids), None)
+        lengths.append(len(row) if stop is None else stop + 1)
+    return lengths
 
 
 @register_backend
@@ -63,7 +78,11 @@ class TransformersBackend(Backend):
             kwargs["attn_implementation"] = self.cfg.attn_implementation
         self.model = AutoModelForImageTextToText.from_pretrained(model, **kwargs).to(device).eval()
         self.device = device
+        self.gpus = 1.0 if str(device).startswith("cuda") else 0.0
         self.tokenizer = tokenizer
+        eos = self.model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.stop_ids = {t for t in (eos if isinstance(eos, list) else [eos]) + [tokenizer.pad_token_id] if t is not None}
 
     def _images(self, request: ChatRequest) -> list[Any]:
         from PIL import Image
@@ -72,16 +91,18 @@ class TransformersBackend(Backend):
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[str]:
         out: list[str | None] = [None] * len(requests)
+        usage: list[Usage] = [Usage() for _ in requests]
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.sampling().items())), []).append(i)
         for indices in groups.values():
-            texts = self._generate_batch([requests[i] for i in indices])
-            for i, text in zip(indices, texts):
-                out[i] = text
+            texts, counts = self._generate_batch([requests[i] for i in indices])
+            for i, text, count in zip(indices, texts, counts):
+                out[i], usage[i] = text, count
+        self.last_usage = usage
         return [str(text) for text in out]
 
-    def _generate_batch(self, requests: Sequence[ChatRequest]) -> list[str]:
+    def _generate_batch(self, requests: Sequence[ChatRequest]) -> tuple[list[str], list[Usage]]:
         import torch
 
         texts = [self.processor.apply_chat_template(chat_messages(r), tokenize=False, add_generation_prompt=True)
@@ -103,7 +124,10 @@ class TransformersBackend(Backend):
         with torch.inference_mode():
             generated = self.model.generate(**inputs, **kwargs)
         new_tokens = generated[:, inputs["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        usage = [Usage(input_tokens=int(n), output_tokens=m, images=len(r.images))
+                 for n, m, r in zip(prompt_lengths, generated_lengths(new_tokens, self.stop_ids), requests)]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), usage
 
     def close(self) -> None:
         import gc

