@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import compose
 from pipeline.errors import ConfigError, InputError
 from stages.backends import make_backend
+from stages.lib.cost import unit_cost, unpriced
 from stages.lib.render import FramePolicy
 from train.eval.judge import JudgeCalls
 from train.eval.mcq_data import FORMATS as MCQ_FORMATS, detect_format as detect_mcq_format
@@ -113,7 +114,7 @@ def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = 
 
         evaluation = StgrEval.from_config(cfg, policy)
 
-    model_key = {"model": _model_stamp(cfg["model"]["path"]), "backend": model_backend_config(cfg),
+    model_key = {"model": _model_stamp(cfg["model"]["path"]), "backend": unpriced(model_backend_config(cfg)),
                  "frames": {k: cfg["model"].get(k) for k in ("box_frame", "min_pixels", "max_pixels")},
                  "data": {k: cfg["data"].get(k) for k in ("fps", "max_frames", "system_prompt", "instruction")},
                  "generation": {"max_new_tokens": cfg["generation"]["max_new_tokens"]},
@@ -124,7 +125,8 @@ def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = 
     runner = Runner(backend, CompletionStore(out, fingerprint(model_key)), int(cfg["generation"]["batch_size"]))
     judge_config = judge_backend_config(cfg)
     judge_backend = backend if judge_config is None else make_backend(judge_config, "judge.backend")
-    judge_key = {"judge": cfg["judge"], "model": model_key if judge_config is None else judge_config}
+    judge_key = {"judge": {**cfg["judge"], "options": unpriced(cfg["judge"].get("options") or {})},
+                 "model": model_key if judge_config is None else unpriced(judge_config)}
     judge_runner = Runner(judge_backend, CompletionStore(out, "judge-" + fingerprint(judge_key)),
                           int(cfg["generation"]["batch_size"]))
     judge = JudgeCalls(judge_runner, cfg["judge"])
@@ -141,6 +143,7 @@ def run_eval(model: str, data: str, out: str | Path, overrides: Sequence[str] = 
         "format": fmt, "model": cfg["model"]["path"], "backend": cfg["backend"], "data": cfg["data"]["path"],
         "judge": (judge_config or {}).get("model") or f"{cfg['model']['path']} (the model under test)",
         "calls": {"generated": runner.generated + judge_runner.generated, "reused": runner.reused + judge_runner.reused},
+        "cost": {"model": unit_cost(runner.meter, backend), "judge": unit_cost(judge_runner.meter, judge_backend)},
     }
     if fmt == "vstar":
         result["summary"] = vstar_groups(samples)

@@ -11,7 +11,8 @@ the shards carry the same features in their Parquet metadata, for `load_dataset(
 The prose says what a user must know before training on the data: the licence (`shard.license`, by
 default the sources' own, listed per source), every column with its type, units and meaning
 (`stages.lib.columns`), one record as it is stored, the rows per set, task and source, and the
-yield: how many of each source's records were kept, and which rules rejected the others.
+yield: how many of each source's records were kept, and which rules rejected the others; and what
+the build's model calls cost (`stages.lib.cost`), per stage, per annotator tier and per kept row.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
+from pipeline.cost import usd_text
 from stages.lib.columns import column_table
 from stages.lib.schema import RECORD_SCHEMA, SETS
 
@@ -134,6 +136,30 @@ def _yield_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def cost_section(cost: Mapping[str, Any] | None) -> list[str]:
+    """The card's `## Cost` lines from the manifest's `cost` (none for a manifest without one)."""
+    if not cost:
+        return []
+    rows = [{"stage": node, **c, "usd": usd_text(c["usd"]), "saved": usd_text(c["saved_usd"])}
+            for node, c in cost["stages"].items()]
+    tiers = [{"tier": tier, **c, "usd": usd_text(c["usd"])} for tier, c in cost["tiers"].items()]
+    per = (f"{usd_text(cost['per_kept_row_usd'])} per kept row ({cost['kept_rows']} rows)"
+           if cost["per_kept_row_usd"] is not None else "no kept row to divide by")
+    lines = ["## Cost", "",
+             f"The model calls of this build cost {usd_text(cost['total_usd'])}, {per}; the response cache "
+             f"answered {cost['cached']} calls, saving {usd_text(cost['saved_usd'])}. Dollars are each backend's "
+             "`price` setting applied to the tokens its endpoint or processor counted and to its GPU-seconds; a "
+             "cached response is free (`recovered`: calls an earlier attempt of the same unit paid for).", ""]
+    if cost["unmetered"]:
+        lines += [f"{cost['unmetered']} calls reported no token count: their tokens count as 0.", ""]
+    return lines + [
+        _markdown_table(rows, ["stage", "calls", "recovered", "cached", "input_tokens", "output_tokens", "images",
+                               "wall_s", "accelerator_s", "usd", "saved"]),
+        "Per annotator tier:", "",
+        _markdown_table(tiers, ["tier", "backend", "model", "calls", "input_tokens", "output_tokens", "usd"]),
+    ]
+
+
 def dataset_card(manifest: Mapping[str, Any], example: Mapping[str, Any] | None, configured_license: str | None) -> str:
     """The dataset's README.md from its manifest, one example record and `shard.license`."""
     sources = sorted({c["source"] for c in manifest["counts"]["source"] if c["source"]})
@@ -203,6 +229,7 @@ def dataset_card(manifest: Mapping[str, Any], example: Mapping[str, Any] | None,
         "A record is listed once per rule it failed, so one record may count under several rules.",
         "",
         _markdown_table(manifest["ledger"], ["stage", "rule", "rows", "example"]),
+        *cost_section(manifest.get("cost")),
         "## Files",
         "",
         _markdown_table(shards, ["file", "rows", "bytes", "sha256"]),

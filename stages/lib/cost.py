@@ -146,6 +146,12 @@ class CostMeter:
         t["saved_usd"] += self.price.usd(usage.input_tokens, usage.output_tokens, usage.accelerator_s)
 
 
+def unpriced(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A backend config less its `price`, for a key of what is computed (evaluation's completion
+    stores): a price change must not make a stored completion look stale."""
+    return {k: v for k, v in config.items() if k != "price"}
+
+
 def paid_by(ctx: Any) -> dict[str, Any]:
     """The unit a response is paid by, stored with it in the cache: a later attempt of the same unit
     (node, fingerprint, partition) recognises its own earlier payment."""

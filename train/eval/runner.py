@@ -4,6 +4,9 @@ An evaluation is a few thousand independent calls (answers, crop checks, judge s
 `Call`: where its completion is stored (sample key, call kind) and how to build its request. The
 request is built only if the completion is not stored yet, so a rerun does not even decode the
 frames of the samples already done; completions are stored after every backend batch.
+
+Each call is counted and priced (`stages.lib.cost`, the backend's `price` setting) in `meter`, its
+usage stored with its completion, so a call reused from a previous run counts as saved.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from stages.backends import Backend, RequestFailed
 from stages.lib.chat import ChatRequest
+from stages.lib.cost import CostMeter
 from train.eval.store import CompletionStore
 
 log = logging.getLogger("stgr.eval")
@@ -36,12 +40,15 @@ class Runner:
         self.backend, self.store, self.batch_size = backend, store, batch_size
         self.generated = 0
         self.reused = 0
+        self.meter = CostMeter.for_backend(backend)
 
     def run(self, calls: Iterable[Call]) -> None:
         pending: list[tuple[Call, ChatRequest]] = []
         for call in calls:
-            if self.store.get(call.key, call.kind) is not None:
+            stored = self.store.get(call.key, call.kind)
+            if stored is not None:
                 self.reused += 1
+                self.meter.cached(stored.get("usage"))
                 continue
             pending.append((call, call.make()))
             if len(pending) >= self.batch_size:
@@ -51,9 +58,9 @@ class Runner:
             self._flush(pending)
 
     def _flush(self, pending: list[tuple[Call, ChatRequest]]) -> None:
-        results = self.backend.generate_each([request for _, request in pending])
-        for (call, _), result in zip(pending, results):
-            entry: dict[str, Any] = dict(call.meta() if call.meta else {})
+        results, usages = self.meter.call(self.backend, [request for _, request in pending])
+        for (call, _), result, usage in zip(pending, results, usages):
+            entry: dict[str, Any] = {**dict(call.meta() if call.meta else {}), "usage": usage.as_dict()}
             if isinstance(result, RequestFailed):
                 entry["failed"] = str(result)
             else:
