@@ -31,7 +31,8 @@ from pipeline.fingerprint import plan_digest
 from pipeline.lease import DEFAULT_TTL_S, Lease, acquire
 from pipeline.progress import Progress, format_seconds
 from pipeline.redact import secret_names
-from pipeline.rundir import CorruptUnit, RunDir, Unit, invalidate, is_committed, part_name, read_commit, read_verified_table
+from pipeline.rundir import CorruptUnit, RunDir, Unit, invalidate, is_committed, part_name, read_commit
+from pipeline.stored import read_input
 from pipeline.stage import Stage, UnitContext
 from pipeline.status import open_run
 
@@ -307,7 +308,7 @@ def publish_partial(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], 
                           build_id=build_id, fingerprints=fingerprints,
                           missing_inputs=tuple(u.key() for u in inputs if u not in done))
         try:
-            table = pa.concat_tables([read_verified_table(run, u)[0] for u in done], promote_options="default")
+            table = pa.concat_tables([read_input(run, u, None).table for u in done], promote_options="default")
             result = spec.stage_cls(spec.config).process(table, ctx)
         except Exception as exc:  # noqa: BLE001 - the failed units are reported anyway; this is a bonus
             log.warning("%s: not run on the %d input units that committed: %s: %s", unit.key(), len(done),
@@ -338,8 +339,7 @@ def publish_products(run: RunDir, plan: BuildPlan, states: dict[str, NodeState],
             if stage.published(ctx):
                 continue
             try:
-                table, _ = read_verified_table(run, unit)
-                stage.publish(table, ctx)
+                stage.publish(read_input(run, unit, None).table, ctx)
             except CorruptUnit as exc:
                 invalidate(run, exc.unit, str(exc))
                 invalidated = True

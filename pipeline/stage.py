@@ -174,6 +174,12 @@ class Stage(ABC):
     source: ClassVar[bool] = False
     needs_all_input: ClassVar[bool] = False
     actor: ClassVar[bool] = False
+    #: Columns whose bulk this stage writes, stored once (sample: `frames`, the JPEGs): later units
+    #: commit them light (`lighten`) with a reference to this stage's unit; see pipeline/stored.py.
+    stores: ClassVar[tuple[str, ...]] = ()
+    #: Stored columns whose bulk this stage reads (shard: `frames`, its shards are self-contained):
+    #: the engine puts them back from the unit that stores them. Others arrive light.
+    full_columns: ClassVar[tuple[str, ...]] = ()
     #: The stage's settings (a `StageConfig` dataclass; `ActorConfig` for a model stage), built from
     #: its config block as `self.cfg`; see pipeline/settings.py.
     Config: ClassVar[type[StageConfig]] = StageConfig
@@ -229,6 +235,17 @@ class Stage(ABC):
         """The keys left out of the fingerprint: the settings marked `run` (resources, pool sizes,
         batch sizes, a backend's connections and retries), which never change the output."""
         return cls.marked_keys(config, "run")
+
+    def wants_full(self) -> tuple[str, ...]:
+        """The stored columns this instance reads whole: `full_columns`, unless its config says more
+        or less (annotate reads frames only when its backend looks at pixels)."""
+        return self.full_columns
+
+    @classmethod
+    def lighten(cls, name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        """The light form of a column this stage `stores`, committed by later units: all nulls unless
+        the stage keeps part of it (sample keeps each frame's time and index)."""
+        return pa.chunked_array([pa.nulls(len(column), column.type)], column.type)
 
     def setup(self, ctx: UnitContext) -> None:
         """Load what is expensive once per worker (models); the default needs nothing."""

@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from pipeline.redact import Secrets, install, scrub, scrub_value
 from pipeline.registry import STAGES, load_plugins
-from pipeline.rundir import CorruptUnit, RunDir, Unit, commit, invalidate, is_committed, read_verified_table
+from pipeline.rundir import CorruptUnit, RunDir, Unit, commit, invalidate, is_committed
 from pipeline.stage import Stage, UnitContext
+from pipeline.stored import Input, commit_form, read_input
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,16 @@ def _stage_for(task: UnitTask, ctx: UnitContext) -> Stage:
     return stage
 
 
-def _read_inputs(run: RunDir, inputs: tuple[Unit, ...]) -> tuple[pa.Table | None, list[str]]:
+def _read_inputs(run: RunDir, inputs: tuple[Unit, ...], full: tuple[str, ...] | None) -> list[Input]:
+    """Each input as read, with the stored columns in `full` whole (None: all; see pipeline/stored.py)."""
+    return [read_input(run, unit, full) for unit in inputs]
+
+
+def _concat(inputs: list[Input]) -> pa.Table | None:
     if not inputs:
-        return None, []
-    tables, digests = [], []
-    for unit in inputs:
-        table, digest = read_verified_table(run, unit)
-        tables.append(table)
-        digests.append(digest)
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
-    return table, digests
+        return None
+    tables = [i.table for i in inputs]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
 
 def run_unit(task: UnitTask) -> dict[str, Any]:
@@ -84,8 +85,13 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         stage = _stage_for(task, ctx)
-        table, digests = _read_inputs(run, task.inputs)
+        # a barrier's inputs carry different references, so it reads every stored column whole
+        full = None if stage.needs_all_input else stage.wants_full()
+        inputs = _read_inputs(run, task.inputs, full)
+        table = _concat(inputs)
         result = stage.process(table, ctx)
+        output, stored = commit_form(result.table, None if stage.needs_all_input else inputs[0] if inputs else None,
+                                     stage.stores, task.unit, task.stage_name, full or ())
     except CorruptUnit as exc:
         # a damaged input (or a ledger a stage reads): withdraw it, so the next pass recomputes it
         try:
@@ -100,16 +106,18 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
     record = {
         "node": task.unit.node, "stage": task.stage_name, "partition": task.unit.partition,
         "fingerprint": task.unit.fingerprint, "attempt": task.attempt,
-        "rows_in": 0 if table is None else table.num_rows, "rows_out": result.table.num_rows,
+        "rows_in": 0 if table is None else table.num_rows, "rows_out": output.num_rows,
         "rows_rejected": len(ledger_rows), "seconds": round(seconds, 4),
-        "inputs": [{"data": u.data, "sha256": d} for u, d in zip(task.inputs, digests)],
+        "inputs": [{"data": i.unit.data, "sha256": i.sha256} for i in inputs],
     }
+    if stored:
+        record["stored"] = stored
     if result.report is not None:
         record["report"] = dataclasses.asdict(result.report)
     if result.cost is not None:
         record["cost"] = result.cost
     try:
-        committed = commit(run, task.unit, result.table, ledger_rows, record)
+        committed = commit(run, task.unit, output, ledger_rows, record)
     except OSError as exc:  # the run directory is full, read-only or unreachable: the unit's attempt fails
         raise UnitFailed(f"{type(exc).__name__}: {exc} (committing {task.unit.key()} to {run.uri})") from None
     return {**record, "skipped": not committed}

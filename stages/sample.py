@@ -35,7 +35,7 @@ from pipeline.settings import setting
 from pipeline.stage import Reject, Rejection, Stage, StageConfig, StageResult, UnitContext, iter_records, record_error
 from stages.lib.geometry import has_positive_area, is_inside
 from stages.lib.media import DecodeError, Probe, decode, encode_jpeg, open_video, probe_video
-from stages.lib.schema import frame_image, to_table
+from stages.lib.schema import frame_image, light_frames, to_table
 
 
 @register_stage
@@ -44,6 +44,7 @@ class SampleStage(Stage):
 
     name = "sample"
     version = "1"
+    stores = ("frames",)  # the JPEGs are written here once; later stages commit `light_frames`
 
     @dataclass(kw_only=True)
     class Config(StageConfig):
@@ -72,6 +73,11 @@ class SampleStage(Stage):
             return []
 
     cfg: Config
+
+    @classmethod
+    def lighten(cls, name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        """Frames keep their times and indices downstream (align and the rules read them), not their JPEGs."""
+        return light_frames(column) if name == "frames" else super().lighten(name, column)
 
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         groups: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()

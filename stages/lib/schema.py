@@ -155,6 +155,27 @@ def frame_image(jpeg: bytes | None) -> dict[str, Any] | None:
     return {"bytes": jpeg, "path": None} if jpeg else None
 
 
+def light_frames(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """`frames` without their images: each frame's time and index, `image` null (then a reader that
+    needs pixels decodes them from `media.uri` at `index`, or the engine puts the stored JPEGs back).
+
+    What the stages after `sample` commit, so the run directory holds each JPEG once; vectorised:
+    the lists' offsets and validity and the times and indices are reused, only the image child is
+    replaced by nulls.
+    """
+    chunks = []
+    for chunk in column.chunks:
+        start = chunk.offsets[0].as_py() if len(chunk) else 0  # a sliced chunk's lists start inside its values
+        offsets = pc.subtract(chunk.offsets, pa.scalar(start, chunk.offsets.type))
+        frames = chunk.values.slice(start, chunk.offsets[-1].as_py() - start if len(chunk) else 0)
+        light = pa.StructArray.from_arrays(
+            [frames.field("t_s"), frames.field("index"), pa.nulls(len(frames), IMAGE)], fields=list(FRAME),
+            mask=frames.is_null() if frames.null_count else None)
+        chunks.append(pa.ListArray.from_arrays(offsets, light, type=column.type,
+                                               mask=chunk.is_null() if chunk.null_count else None))
+    return pa.chunked_array(chunks, column.type)
+
+
 def frame_jpeg(frame: Mapping[str, Any]) -> bytes | None:
     """A frame's embedded JPEG, or None (then it is decoded from `media.uri` at `index`)."""
     return (frame.get("image") or {}).get("bytes") or None
