@@ -1,16 +1,17 @@
 """The `source` stage: the first node of the DAG, turning an adapter's entries into seed partitions.
 
-`source.adapter` picks the adapter (stages/sources/base.py registry). `plan()` runs on the driver: it
-reads and validates the annotation file (a malformed file stops the build with exit 2 before any
-work is scheduled) and returns the number of partitions. `process(None, ctx)` runs on a worker and
-builds partition `ctx.partition` from a contiguous slice of the entries, so the same config always
-gives the same partitions, which is what makes committed units reusable on resume. Each entry's
-records pass `Adapter.checked` (storable values, citable names, media inside `video_dir`); an entry
-that fails, or whose adapter raises, is one ledger row and the partition goes on.
+`source.adapter` picks the adapter (stages/sources/base.py registry). `plan()` runs on the driver: one
+streaming pass over the annotation file finds where each partition of `records_per_partition`
+entries starts (a byte offset and the entry's position: stages/sources/layout.py) and checks the
+file (a malformed file stops the build with exit 2 before any work is scheduled), keeping no entry.
+`process(None, ctx)` runs on a worker and builds partition `ctx.partition`, entries `p*k .. p*k+k-1`
+read from where it starts, so the same file and config always give the same partitions, which is
+what makes committed units reusable on resume. Each entry's records pass `Adapter.checked`
+(storable values, citable names, media inside `video_dir`); an entry that fails, a line that is not
+UTF-8, or an entry whose adapter raises, is one ledger row and the partition goes on.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,6 +22,7 @@ from pipeline.settings import Settings, setting
 from pipeline.stage import Reject, Rejection, Stage, StageConfig, StageResult, UnitContext
 from stages.lib.schema import to_table
 from stages.sources.base import Adapter, get_adapter
+from stages.sources.layout import Unreadable
 
 
 @register_stage
@@ -55,24 +57,23 @@ class SourceStage(Stage):
         return self.cfg.records_per_partition
 
     def plan(self) -> int:
-        return max(1, math.ceil(len(self.adapter.entries()) / self.per_partition))
+        return max(1, self.adapter.num_partitions(self.per_partition))
 
     def process(self, table: Any, ctx: UnitContext) -> StageResult:
-        entries = self.adapter.entries()
-        start = ctx.partition * self.per_partition
+        adapter = self.adapter
         tables: list[pa.Table] = []
         rejections: list[Rejection] = []
-        for position in range(start, min(start + self.per_partition, len(entries))):
-            entry = entries[position]
+        for position, entry in adapter.partition(ctx.partition, self.per_partition):
+            label = adapter.entry_label(entry, position)
             try:
-                rows = self.adapter.seed(entry, position, ctx)
-                tables.append(self.adapter.checked(rows, position, self.adapter.entry_label(entry, position)))
+                if isinstance(entry, Unreadable):
+                    raise adapter.reject(position, label, entry.problem)
+                tables.append(adapter.checked(adapter.seed(entry, position, ctx), position, label))
             except Reject as rej:
                 rejections.extend(rej.rejections)
             except Exception as exc:  # noqa: BLE001 - one bad entry must not sink its partition
-                label = self.adapter.entry_label(entry, position)
                 rejections.append(Rejection(
-                    id=None, rule="exception", reason=f"{self.adapter.annotations_label}: {label}: "
+                    id=None, rule="exception", reason=f"{adapter.annotations_label}: {label}: "
                     f"{type(exc).__name__}: {exc}", error=f"{type(exc).__name__}: {exc}",
-                    file=self.adapter.annotations_label, record=label))
+                    file=adapter.annotations_label, record=label))
         return StageResult(pa.concat_tables(tables) if tables else to_table([]), rejections)

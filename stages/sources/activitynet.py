@@ -12,13 +12,14 @@ Records: one `temporal` record per sentence.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import PositiveFloat, model_validator
 
 from pipeline.stage import UnitContext
 from stages.lib.schema import meta_dump
-from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
+from stages.sources.base import Adapter, Entry, make_record, media, register_adapter
+from stages.sources.layout import JsonEntries
 
 
 class ActivityNetEntry(Entry):
@@ -40,11 +41,7 @@ class ActivityNetEntry(Entry):
 class ActivityNetCaptionsAdapter(Adapter):
     name = "activitynet_captions"
     aliases = ("activitynet",)
-
-    def load_entries(self) -> Sequence[Any]:
-        data = read_json(self.annotations)
-        expect_shape(self.annotations, data, dict, "a JSON object keyed by video id")
-        return list(data.items())
+    layout = JsonEntries(dict, "a JSON object keyed by video id")
 
     def entry_label(self, entry: Any, position: int) -> str:
         return f"entry {position} ({entry[0]})"

@@ -1,19 +1,21 @@
 """Source adapters: one dataset format in, canonical seed records out.
 
-An adapter knows one annotation format and nothing else: it reads the file (on the driver to count
-entries, again on each worker to build its partition), validates it, and turns each entry into seed
-records in canonical units (seconds on the source video's own timeline, boxes `[x1, y1, x2, y2]`
-normalised to the source frame). The `source` stage (stages/source.py) owns partitioning and
-the ledger, so a new format is one new module with one `@register_adapter` class, whose `Config`
-declares the settings it reads from the `source` block (`FileSettings` for one annotation file and a
-video folder).
+An adapter knows one annotation format and nothing else: where its entries lie in the file (its
+`layout`: one per line, or the elements of a top-level JSON array or object; stages/sources/layout.py),
+what a file must look like, and how each entry becomes seed records in canonical units (seconds on
+the source video's own timeline, boxes `[x1, y1, x2, y2]` normalised to the source frame). The
+`source` stage (stages/source.py) owns partitioning and the ledger: on the driver `num_partitions`
+makes one streaming pass that keeps only where each partition starts, and on a worker `partition`
+reads that partition's entries alone. A new format is one new module with one `@register_adapter`
+class, whose `Config` declares the settings it reads from the `source` block (`FileSettings` for one
+annotation file and a video folder).
 
 Two kinds of bad input, two outcomes:
 - the *file* is unusable (missing, not JSON, wrong top-level shape, no entries): `InputError` naming
   the file and the position, which the CLI turns into exit 2 before anything is built;
-- one *entry* is malformed (missing field, wrong type, end before start): the adapter raises
-  `Reject` with rule `malformed_record`, naming file, entry position and field; the other entries
-  are still built.
+- one *entry* is malformed (missing field, wrong type, end before start, a line that is not UTF-8):
+  the adapter raises `Reject` with rule `malformed_record`, naming file, entry position and field;
+  the other entries are still built.
 
 Whatever the adapter, its records then pass `Adapter.checked` (the `source` stage calls it): every
 value storable (no lone surrogate, no integer beyond 64 bits), every object name citable in a trace,
@@ -28,6 +30,7 @@ import functools
 import json
 import os
 import posixpath
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
@@ -41,6 +44,7 @@ from pipeline.settings import Settings, setting
 from pipeline.stage import Reject, Rejection, UnitContext
 from stages.lib.evidence import Claim
 from stages.lib.schema import record_id, to_table
+from stages.sources.layout import Layout, Slice
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
@@ -72,14 +76,17 @@ class Adapter(ABC):
     """Base class of a source adapter.
 
     Subclasses set `name` (the value of `source.adapter`), optionally `aliases`, their settings
-    (`Config`: `FileSettings` or a subclass for a file-based adapter) and implement `load_entries`
-    and `seed`. `entries()` caches the parsed file per process, so the driver's `plan()` and each
-    worker read it once.
+    (`Config`: `FileSettings` or a subclass for a file-based adapter), the file's `layout`, and
+    implement `seed`. Where each partition starts is found once per process (`starts`) and kept,
+    not the entries: a partition's entries are read from the file when it is built.
     """
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[AdapterConfig]] = FileSettings
+    #: Where the entries lie in the annotation file; None for an adapter that generates its entries
+    #: (synthetic), which overrides `num_partitions` and `partition` instead.
+    layout: ClassVar[Layout | None] = None
     cfg: AdapterConfig
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -96,22 +103,38 @@ class Adapter(ABC):
         """What the ledger names as the input file (the synthetic source has none)."""
         return str(self.config.get("annotations") or self.name)
 
-    def entries(self) -> Sequence[Any]:
-        """The annotation file's entries, in file order (partition p takes a contiguous slice)."""
+    def starts(self, per_partition: int) -> tuple[Slice, ...]:
+        """Where each partition of `per_partition` entries starts in the file (entry *i* is in
+        partition *i* // `per_partition`). One streaming pass per process and file version, which
+        also checks the file (InputError: unreadable, not the layout, no entries, `check_head`)."""
+        if self.layout is None:
+            raise TypeError(f"adapter '{self.name}' reads no annotation file")
         path = self.annotations
         try:
-            stamp = os.stat(path).st_mtime_ns
+            stat = os.stat(path)
         except OSError as exc:
             raise InputError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from exc
-        entries = _cached_entries(type(self), path, stamp, json.dumps(self.config, sort_keys=True, default=str))
-        if not entries:
-            raise InputError(f"{path}: the annotation file holds no entries")
-        return entries
+        return _cached_starts(type(self), path, stat.st_mtime_ns, stat.st_size, per_partition,
+                              json.dumps(self.config, sort_keys=True, default=str))
 
-    def load_entries(self) -> Sequence[Any]:
-        """Parse the whole annotation file; raise InputError for file-level problems. File-based
-        adapters implement it; one that generates its entries (synthetic) overrides `entries`."""
-        raise TypeError(f"adapter '{self.name}' reads no annotation file")
+    def num_partitions(self, per_partition: int) -> int:
+        """How many partitions of `per_partition` entries the file makes (the driver's `plan()`)."""
+        return len(self.starts(per_partition))
+
+    def partition(self, index: int, per_partition: int) -> Iterator[tuple[int, Any]]:
+        """(position, entry) of partition `index`'s entries, read from the file where it starts."""
+        starts = self.starts(per_partition)
+        assert self.layout is not None  # starts() raised otherwise
+        return self.layout.read(self.annotations, starts[index], per_partition)
+
+    def entries(self) -> list[Any]:
+        """Every entry, in file order: the whole file in memory, for tools and tests (the `source`
+        stage reads one partition at a time)."""
+        return [entry for _, entry in self.partition(0, sys.maxsize)]
+
+    def check_head(self, head: Sequence[Any]) -> None:
+        """File-level checks of the first entries (up to `layout.HEAD`): raise InputError where they
+        show the file is not in this format (a JSON file given to a line format)."""
 
     def entry_label(self, entry: Any, position: int) -> str:
         """How the ledger names an entry (its video id where the format has one)."""
@@ -242,12 +265,6 @@ def read_json(path: str) -> Any:
         raise InputError(f"{path}: cannot read annotation file ({exc.strerror or exc})") from exc
 
 
-def expect_shape(path: str, data: Any, shape: type, what: str) -> None:
-    """File-level shape check: e.g. VidSTG is a JSON list, HC-STVG an object keyed by video."""
-    if not isinstance(data, shape):
-        raise InputError(f"{path}: expected {what} at the top level (position 0), got {type(data).__name__}")
-
-
 # -- what every seed record must satisfy -------------------------------------------------------
 INT64_RANGE = (-(2**63), 2**63 - 1)
 
@@ -330,8 +347,14 @@ def adapter_names() -> list[str]:
 
 # -- per-process caches -------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
-def _cached_entries(cls: type[Adapter], path: str, stamp: int, config_json: str) -> Sequence[Any]:
-    return tuple(cls(json.loads(config_json)).load_entries())
+def _cached_starts(cls: type[Adapter], path: str, stamp: int, size: int, per_partition: int,
+                   config_json: str) -> tuple[Slice, ...]:
+    assert cls.layout is not None
+    scan = cls.layout.scan(path, per_partition)
+    if not scan.count:
+        raise InputError(f"{path}: the annotation file holds no entries")
+    cls(json.loads(config_json)).check_head(scan.head)
+    return scan.starts
 
 
 @functools.lru_cache(maxsize=8)

@@ -18,6 +18,7 @@ from pipeline.errors import InputError
 from pipeline.stage import UnitContext
 from stages.lib.schema import meta_dump
 from stages.sources.base import Adapter, make_record, media, register_adapter
+from stages.sources.layout import Lines, Unreadable
 
 LINE = re.compile(r"^(?P<vid>\S+)\s+(?P<start>\S+)\s+(?P<end>\S+)\s*##(?P<sentence>.*\S.*)$")
 
@@ -26,21 +27,14 @@ LINE = re.compile(r"^(?P<vid>\S+)\s+(?P<start>\S+)\s+(?P<end>\S+)\s*##(?P<senten
 class CharadesSTAAdapter(Adapter):
     name = "charades_sta"
     aliases = ("charades",)
+    layout = Lines()
 
-    def load_entries(self) -> Sequence[Any]:
-        try:
-            with open(self.annotations, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{self.annotations}: not UTF-8 text at byte {exc.start}") from exc
-        except OSError as exc:
-            raise InputError(f"{self.annotations}: cannot read annotation file ({exc.strerror or exc})") from exc
-        entries = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
-        if entries and not any(LINE.match(line) for _, line in entries[:100]):
-            number, line = entries[0]
+    def check_head(self, head: Sequence[Any]) -> None:
+        """A file none of whose first lines is a query is another format (a single bad line is a ledger row)."""
+        if not any(not isinstance(entry, Unreadable) and LINE.match(entry[1]) for entry in head):
+            number, line = head[0]
             raise InputError(f"{self.annotations}: line {number}: not the Charades-STA format "
                              f"'<video> <start> <end>##<sentence>': {line[:80]!r}")
-        return entries
 
     def entry_label(self, entry: Any, position: int) -> str:
         return f"line {entry[0]}"

@@ -20,7 +20,7 @@ the start, middle and end of the track (`key_frames_per_track`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import Field, PositiveInt, model_validator
@@ -29,8 +29,8 @@ from pipeline.settings import setting
 from pipeline.stage import UnitContext
 from stages.lib.geometry import pixels_to_normalised, xywh_to_xyxy
 from stages.lib.schema import meta_dump
-from stages.sources.base import (Adapter, Entry, TrackSettings, expect_shape, make_record, media, read_json,
-                                 register_adapter)
+from stages.sources.base import Adapter, Entry, TrackSettings, make_record, media, register_adapter
+from stages.sources.layout import JsonEntries
 
 V2_KEYS = {"trajectory": "bbox", "English": "caption"}
 
@@ -58,17 +58,13 @@ class HCSTVGEntry(Entry):
 @register_adapter
 class HCSTVGAdapter(Adapter):
     name = "hcstvg"
+    layout = JsonEntries(dict, "a JSON object keyed by video file name")
 
     @dataclass(kw_only=True)
     class Config(TrackSettings):
         clip_seconds: float = setting(20.0, "every HC-STVG clip lasts this long: fps = img_num / clip_seconds", gt=0)
 
     cfg: Config
-
-    def load_entries(self) -> Sequence[Any]:
-        data = read_json(self.annotations)
-        expect_shape(self.annotations, data, dict, "a JSON object keyed by video file name")
-        return list(data.items())
 
     def entry_label(self, entry: Any, position: int) -> str:
         return f"entry {position} ({entry[0]})"

@@ -27,6 +27,7 @@ from pipeline.errors import InputError
 from pipeline.stage import UnitContext
 from stages.lib.schema import TASKS, meta_dump
 from stages.sources.base import Adapter, Entry, make_record, media, register_adapter
+from stages.sources.layout import Lines, Unreadable
 
 Box = tuple[float, float, float, float]
 
@@ -93,21 +94,13 @@ class JsonlEntry(Strict):
 @register_adapter
 class JsonlAdapter(Adapter):
     name = "jsonl"
+    layout = Lines()
 
-    def load_entries(self) -> Sequence[Any]:
-        entries = []
-        try:
-            with open(self.annotations, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        entries.append((number, line))
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{self.annotations}: not UTF-8 text at byte {exc.start}") from exc
-        except OSError as exc:
-            raise InputError(f"{self.annotations}: cannot read annotation file ({exc.strerror or exc})") from exc
-        if entries and not entries[0][1].lstrip().startswith("{"):
-            raise InputError(f"{self.annotations}: line {entries[0][0]}, column 1: expected one JSON object per line")
-        return entries
+    def check_head(self, head: Sequence[Any]) -> None:
+        """The first line decides the format: a file that does not start with a JSON object is not JSON Lines."""
+        first = head[0]
+        if isinstance(first, Unreadable) or not first[1].lstrip().startswith("{"):
+            raise InputError(f"{self.annotations}: line {first[0]}, column 1: expected one JSON object per line")
 
     def entry_label(self, entry: Any, position: int) -> str:
         return f"line {entry[0]}"

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 from pydantic import Field
 
@@ -44,7 +44,8 @@ from stages.lib import evidence
 from stages.lib.answers import answer_kind
 from stages.lib.schema import TASKS as STGR_TASKS
 from stages.lib.schema import meta_dump
-from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
+from stages.sources.base import Adapter, Entry, make_record, media, register_adapter
+from stages.sources.layout import JsonEntries
 
 TASKS = {
     "temporal-spatial free-form QA": "spatio_temporal",
@@ -100,11 +101,7 @@ def question_of(question: str) -> str:
 @register_adapter
 class STGRJsonAdapter(Adapter):
     name = "stgr_json"
-
-    def load_entries(self) -> Sequence[Any]:
-        data = read_json(self.annotations)
-        expect_shape(self.annotations, data, list, "a JSON list of STGR entries")
-        return data
+    layout = JsonEntries(list, "a JSON list of STGR entries")
 
     def entry_label(self, entry: Any, position: int) -> str:
         path = entry.get("video_path") if isinstance(entry, dict) else None

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -319,8 +320,13 @@ class SyntheticAdapter(Adapter):
     def annotations(self) -> str:
         return "synthetic"
 
-    def entries(self) -> Sequence[Any]:
-        return range(self.cfg.num_videos)
+    def num_partitions(self, per_partition: int) -> int:
+        return math.ceil(self.cfg.num_videos / per_partition)
+
+    def partition(self, index: int, per_partition: int) -> Iterator[tuple[int, Any]]:
+        """Scene *i* is entry *i*: a partition is a range of scene numbers, nothing to read."""
+        start = index * per_partition
+        return ((i, i) for i in range(start, min(start + per_partition, self.cfg.num_videos)))
 
     def entry_label(self, entry: Any, position: int) -> str:
         return f"video {entry:06d}"

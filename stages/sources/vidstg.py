@@ -25,7 +25,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
@@ -33,8 +33,8 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from pipeline.settings import setting
 from pipeline.stage import UnitContext
 from stages.lib.geometry import pixels_to_normalised
-from stages.sources.base import (Adapter, Entry, TrackSettings, expect_shape, make_record, media, read_json,
-                                 register_adapter)
+from stages.sources.base import Adapter, Entry, TrackSettings, make_record, media, read_json, register_adapter
+from stages.sources.layout import JsonEntries
 from stages.lib.schema import meta_dump
 
 
@@ -77,6 +77,7 @@ class VidSTGEntry(Entry):
 @register_adapter
 class VidSTGAdapter(Adapter):
     name = "vidstg"
+    layout = JsonEntries(list, "a JSON list of VidSTG entries")
 
     @dataclass(kw_only=True)
     class Config(TrackSettings):
@@ -84,11 +85,6 @@ class VidSTGAdapter(Adapter):
                                                      "null: spans only", path=True)
 
     cfg: Config
-
-    def load_entries(self) -> Sequence[Any]:
-        data = read_json(self.annotations)
-        expect_shape(self.annotations, data, list, "a JSON list of VidSTG entries")
-        return data
 
     def entry_label(self, entry: Any, position: int) -> str:
         vid = entry.get("vid") if isinstance(entry, dict) else None

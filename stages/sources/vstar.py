@@ -17,7 +17,7 @@ ground truth (the object's track and the span).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import PositiveFloat, PositiveInt
@@ -25,7 +25,8 @@ from pydantic import PositiveFloat, PositiveInt
 from pipeline.stage import UnitContext
 from stages.lib.geometry import pixels_to_normalised
 from stages.lib.schema import meta_dump
-from stages.sources.base import Adapter, Entry, expect_shape, make_record, media, read_json, register_adapter
+from stages.sources.base import Adapter, Entry, make_record, media, register_adapter
+from stages.sources.layout import JsonEntries
 
 CORNERS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -49,11 +50,7 @@ class VStarEntry(Entry):
 @register_adapter
 class VStarAdapter(Adapter):
     name = "vstar"
-
-    def load_entries(self) -> Sequence[Any]:
-        data = read_json(self.annotations)
-        expect_shape(self.annotations, data, list, "a JSON list of V-STaR entries")
-        return data
+    layout = JsonEntries(list, "a JSON list of V-STaR entries")
 
     def entry_label(self, entry: Any, position: int) -> str:
         vid = entry.get("vid") if isinstance(entry, dict) else None
