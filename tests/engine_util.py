@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -41,6 +42,21 @@ def kill_session(proc: subprocess.Popen) -> None:
         if subprocess.run(["pgrep", "-s", str(sid)], capture_output=True).returncode != 0:
             return
         time.sleep(0.1)
+
+
+def kill_when_cached(proc: subprocess.Popen, cache: Path, count: int, server: Any) -> int:
+    """SIGKILL the build's session once `count` responses are in the response cache folder `cache`,
+    let the requests `server` (a test endpoint with `in_flight`) had already accepted finish, and
+    return how many responses were cached then."""
+    deadline = time.monotonic() + 300
+    while len(list(cache.rglob("*.json"))) < count:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "annotate never cached a response"
+        time.sleep(0.05)
+    kill_session(proc)
+    while server.in_flight:
+        time.sleep(0.05)
+    return len(list(cache.rglob("*.json")))
 
 
 def commit_records(run: Path) -> dict[str, str]:

@@ -9,11 +9,10 @@
 from __future__ import annotations
 
 import tempfile
-import time
 
 import pytest
 
-from tests.engine_util import kill_session, ledger_rows, node_rows, run_stgr, stgr
+from tests.engine_util import kill_when_cached, ledger_rows, node_rows, run_stgr, stgr
 from tests.test_backends_openai import TinyModelServer
 
 pytestmark = pytest.mark.slow
@@ -56,15 +55,7 @@ def test_openai_build_killed_during_annotate_resumes_without_paying_twice(tmp_pa
                      "annotator.image_max_side=112", "annotator.batch_size=2", "annotator.concurrency=2",
                      "shard.allow_empty=true"]  # the tiny model's garbage is rejected: an empty dataset
         proc = stgr("build", "--run", str(run), *overrides, env=env)
-        deadline = time.monotonic() + 300
-        while len(list(cache.rglob("*.json"))) < 3:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "annotate never cached a response"
-            time.sleep(0.05)
-        kill_session(proc)
-        while server.in_flight:  # let requests the server had already accepted finish
-            time.sleep(0.05)
-        cached_at_kill = len(list(cache.rglob("*.json")))
+        cached_at_kill = kill_when_cached(proc, cache, 3, server)
         paid_at_kill = sum(server.delivered.values())
         assert paid_at_kill >= cached_at_kill >= 3
 
