@@ -4,7 +4,9 @@ whole-file read (`json.load`, Python's text lines: none lost, none twice, same o
 for JSON Lines and for each released JSON layout, on the real fixtures of ../shared/fixtures where
 they exist (VidSTG, HC-STVG) and on files written in the published layout where they do not
 (V-STaR, ActivityNet Captions, the released STGR json). JSON files are also read one byte at a time
-(`layout.CHUNK` = 1), so every entry, key, number and error crosses a chunk boundary somewhere.
+(`layout.CHUNK` = 1), so every entry, key, number and error crosses a chunk boundary somewhere, and
+any JSON array or object, and any text, that hypothesis draws partitions as `json.load` and Python's
+text lines read it.
 A bad line costs its own ledger row only, and the driver's plan of a 10^5-line file keeps a small
 fraction of the file in memory (a memory bound, measured with tracemalloc: no timing)."""
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import InputError
 from pipeline.testing import unit_context
@@ -123,6 +127,51 @@ def test_every_json_value_at_the_top_level_reads_back_as_json_load_reads_it(tmp_
     path = tmp_path / "values.json"
     path.write_text("[ " + " ,\n\t".join(json.dumps(v, ensure_ascii=False) for v in values) + " ]\n", encoding="utf-8")
     assert_partitions_are_the_whole_file(adapter_for("vstar", path), json.loads(path.read_text(encoding="utf-8")))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.lists(JSON_VALUES, min_size=1, max_size=8) | st.dictionaries(st.text(max_size=6), JSON_VALUES,
+                                                                           min_size=1, max_size=8),
+       indent=st.sampled_from([None, 0, 2]), ascii_only=st.booleans(), step=st.integers(1, 9),
+       per_partition=st.integers(1, 4))
+def test_any_json_array_or_object_partitions_as_json_load_reads_it(tmp_path_factory: pytest.TempPathFactory,
+                                                                    data: Any, indent: int | None, ascii_only: bool,
+                                                                    step: int, per_partition: int) -> None:
+    path = tmp_path_factory.mktemp("any") / "data.json"
+    path.write_text(json.dumps(data, indent=indent, ensure_ascii=ascii_only), encoding="utf-8")
+    kind = layout.JsonEntries(type(data), "a JSON value")
+    original, layout.CHUNK = layout.CHUNK, step
+    try:
+        scan = kind.scan(str(path), per_partition)
+        read = [item for start in scan.starts for item in kind.read(str(path), start, per_partition)]
+    finally:
+        layout.CHUNK = original
+    whole = data if isinstance(data, list) else list(json.loads(path.read_text(encoding="utf-8")).items())
+    assert scan.count == len(whole) and read == list(enumerate(whole))
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+                              max_size=6) | st.sampled_from(["", " ", "\t", "\u3000", "\x1c", "\x0c"]),
+                      min_size=1, max_size=12),
+       crlf=st.booleans(), per_partition=st.integers(1, 4))
+def test_any_text_partitions_as_its_text_lines(tmp_path_factory: pytest.TempPathFactory, lines: list[str], crlf: bool,
+                                               per_partition: int) -> None:
+    """Line numbers and texts as Python's text reading gives them, for lines split at `\n` (`\r\n`)."""
+    path = tmp_path_factory.mktemp("lines") / "data.txt"
+    path.write_bytes(("\r\n" if crlf else "\n").join(lines).encode("utf-8"))
+    kind = layout.Lines()
+    scan = kind.scan(str(path), per_partition)
+    read = [item for start in scan.starts for item in kind.read(str(path), start, per_partition)]
+    whole = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    assert scan.count == len(whole) and [entry for _, entry in read] == whole
+    assert [position for position, _ in read] == list(range(len(whole)))
 
 
 @pytest.mark.parametrize("text", ['[{"vid": "1",', "[1 2]", "[1}", "[1,]", '[{"a": 1}] x', "[\n {\"a\": tru}]",
