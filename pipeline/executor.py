@@ -38,13 +38,18 @@ def resolve_nodes(plan: BuildPlan) -> dict[str, NodeState]:
         cls = spec.stage_cls
         upstream = [states[u].fingerprint for u in spec.after]
         fp = stage_fingerprint(cls.name, cls.version, spec.config, upstream, cls.excluded_keys(spec.config))
+        specs: tuple[Any, ...] = ()
         if cls.source:
-            partitions = int(cls(spec.config).plan())
+            stage = cls(spec.config)
+            partitions = int(stage.plan())
+            specs = tuple(stage.partition_specs() or ())
+            if specs and len(specs) != partitions:
+                raise ValueError(f"stage '{cls.name}': partition_specs() gave {len(specs)} for {partitions} partitions")
         elif cls.needs_all_input:
             partitions = 1
         else:
             partitions = sum(states[u].partitions for u in spec.after)
-        states[name] = NodeState(name, cls.name, fp, partitions, list(spec.after), cls.actor, cls.needs_all_input)
+        states[name] = NodeState(name, cls.name, fp, partitions, list(spec.after), cls.actor, cls.needs_all_input, specs)
     return states
 
 
@@ -147,7 +152,8 @@ def execute(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], build_id
             unit = Unit(node, states[node].fingerprint, partition)
             task = UnitTask(run.uri, unit, states[node].stage, plan.nodes[node].config,
                             unit_inputs(states, node, partition), states[node].partitions, schedule.attempt(number),
-                            build_id, plugins, fingerprints, secrets)
+                            build_id, plugins, fingerprints, secrets,
+                            states[node].specs[partition] if states[node].specs else None)
             if states[node].actor:
                 actor = pools[node].acquire()
                 inflight[actor.run.remote(task)] = (number, unit, actor)
@@ -209,5 +215,6 @@ def _error_text(exc: BaseException) -> str:
 
 def write_plan(run: RunDir, states: dict[str, NodeState], build_id: str) -> None:
     payload = {"build_id": build_id, "written_at": time.time(),
-               "nodes": {n: vars(s) for n, s in states.items()}, "python": sys.version.split()[0]}
+               "nodes": {n: {k: v for k, v in vars(s).items() if k != "specs"} for n, s in states.items()},
+               "python": sys.version.split()[0]}
     run.write_text("plan.json", json.dumps(payload, indent=2))

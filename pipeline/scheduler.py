@@ -17,8 +17,8 @@ read it (directly or not) stay pending while everything else still runs.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.rundir import Unit
 
@@ -37,6 +37,9 @@ class NodeState:
     after: list[str]
     actor: bool
     barrier: bool
+    #: A source node's per-partition descriptors from `Stage.plan()` (empty: none), handed to each
+    #: unit as `UnitContext.spec`; not written to plan.json (they follow from the config and files).
+    specs: tuple[Any, ...] = field(default=(), repr=False)
 
 
 def input_segments(states: Mapping[str, NodeState], node: str) -> Iterator[tuple[str, int, int]]:

@@ -11,7 +11,7 @@ import json
 from abc import ABC, abstractmethod
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -154,6 +154,9 @@ class UnitContext:
     # Set only when a barrier runs on the inputs that committed because others failed (the driver's
     # `pipeline.build.publish_partial`): the missing units' keys, so its product says it is partial.
     missing_inputs: tuple[str, ...] = ()
+    # A source unit's descriptor of its partition, as its stage's `plan()` returned it (None when
+    # `plan()` returned a count, or the stage is run outside a build, as in tests).
+    spec: Any = None
 
 
 class Stage(ABC):
@@ -246,6 +249,12 @@ class Stage(ABC):
         """The light form of a column this stage `stores`, committed by later units: all nulls unless
         the stage keeps part of it (sample keeps each frame's time and index)."""
         return pa.chunked_array([pa.nulls(len(column), column.type)], column.type)
+
+    def partition_specs(self) -> Sequence[Any] | None:
+        """Source stages: one small picklable descriptor per partition that `plan()` counted (where
+        its slice of a file starts), handed to that partition's unit as `UnitContext.spec`, so no
+        worker scans the input again; None (the default) hands none. Runs on the driver, after `plan()`."""
+        return None
 
     def setup(self, ctx: UnitContext) -> None:
         """Load what is expensive once per worker (models); the default needs nothing."""

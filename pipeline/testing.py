@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import pyarrow.fs as pafs
 
@@ -11,7 +11,7 @@ from pipeline.stage import UnitContext
 
 def unit_context(run_dir: str | Path, stage: str = "test", partition: int = 0, num_partitions: int = 1,
                  attempt: int = 1, fingerprint: str = "f" * 16,
-                 fingerprints: Mapping[str, str] | None = None) -> UnitContext:
+                 fingerprints: Mapping[str, str] | None = None, spec: Any = None) -> UnitContext:
     """A UnitContext over a local run directory, as the engine would pass to `Stage.process`."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -26,4 +26,5 @@ def unit_context(run_dir: str | Path, stage: str = "test", partition: int = 0, n
         filesystem=pafs.LocalFileSystem(),
         build_id=run_dir.name,
         fingerprints=dict(fingerprints or {stage: fingerprint}),
+        spec=spec,
     )

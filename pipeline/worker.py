@@ -38,6 +38,7 @@ class UnitTask:
     plugins: tuple[str, ...] = ()
     fingerprints: dict[str, str] = field(default_factory=dict)
     secrets: Secrets = field(default_factory=Secrets)  # the stages' API keys: see pipeline.redact
+    spec: Any = None  # a source unit's descriptor from `Stage.plan()` (e.g. where its slice starts)
 
 
 class UnitFailed(Exception):
@@ -80,7 +81,7 @@ def run_unit(task: UnitTask) -> dict[str, Any]:
     ctx = UnitContext(
         stage=task.unit.node, partition=task.unit.partition, num_partitions=task.num_partitions,
         attempt=task.attempt, fingerprint=task.unit.fingerprint, run_uri=task.run_uri,
-        run_path=run.path, filesystem=run.fs, build_id=task.build_id, fingerprints=task.fingerprints,
+        run_path=run.path, filesystem=run.fs, build_id=task.build_id, fingerprints=task.fingerprints, spec=task.spec,
     )
     started = time.perf_counter()
     try:

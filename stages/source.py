@@ -13,7 +13,7 @@ UTF-8, or an entry whose adapter raises, is one ledger row and the partition goe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -59,11 +59,17 @@ class SourceStage(Stage):
     def plan(self) -> int:
         return max(1, self.adapter.num_partitions(self.per_partition))
 
+    def partition_specs(self) -> Sequence[Any] | None:
+        """Where each partition starts in the annotation file (a `Slice`; the scan `plan()` made, cached
+        in this process), so a task reads its slice without scanning the file; none for an adapter
+        without a file (synthetic)."""
+        return None if self.adapter.layout is None else self.adapter.starts(self.per_partition)
+
     def process(self, table: Any, ctx: UnitContext) -> StageResult:
         adapter = self.adapter
         tables: list[pa.Table] = []
         rejections: list[Rejection] = []
-        for position, entry in adapter.partition(ctx.partition, self.per_partition):
+        for position, entry in adapter.partition(ctx.partition, self.per_partition, ctx.spec):
             label = adapter.entry_label(entry, position)
             try:
                 if isinstance(entry, Unreadable):

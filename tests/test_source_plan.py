@@ -310,3 +310,25 @@ def test_plan_of_a_large_json_array_holds_neither_the_text_nor_the_entries(fixtu
     partitions, peak = traced_peak(stage.plan)
     assert partitions == math.ceil(26000 / 16)
     assert size > 20 * layout.CHUNK and peak < 6 * layout.CHUNK, f"plan() peak {peak} bytes for a {size}-byte file"
+
+
+def test_a_task_given_its_start_by_the_plan_reads_its_slice_without_scanning(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver's one scan hands each partition's start to its unit (`partition_specs` ->
+    `UnitContext.spec`): a worker that never scanned the file builds its partition from there."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(jsonl_line(i) + "\n" for i in range(1, 8)))
+    stage = SourceStage({"adapter": "jsonl", "annotations": str(path), "video_dir": str(tmp_path),
+                         "records_per_partition": 3})
+    specs = stage.partition_specs()
+    assert specs is not None and len(specs) == stage.plan() == 3
+    base._cached_starts.cache_clear()  # a worker process: nothing planned there
+
+    def no_scan(*args: Any) -> None:
+        raise AssertionError("a task scanned the annotation file")
+
+    monkeypatch.setattr(layout.Lines, "scan", no_scan)
+    built = [[row["source_id"] for row in stage.process(None, unit_context(
+        tmp_path / "run", stage="source", partition=p, num_partitions=3, spec=specs[p])).table.to_pylist()]
+        for p in range(3)]
+    assert built == [["r1", "r2", "r3"], ["r4", "r5", "r6"], ["r7"]]

@@ -121,11 +121,13 @@ class Adapter(ABC):
         """How many partitions of `per_partition` entries the file makes (the driver's `plan()`)."""
         return len(self.starts(per_partition))
 
-    def partition(self, index: int, per_partition: int) -> Iterator[tuple[int, Any]]:
-        """(position, entry) of partition `index`'s entries, read from the file where it starts."""
-        starts = self.starts(per_partition)
+    def partition(self, index: int, per_partition: int, start: Sequence[int] | None = None) -> Iterator[tuple[int, Any]]:
+        """(position, entry) of partition `index`'s entries, read from the file where it starts:
+        `start` as the driver's plan found it (a `Slice`), else from this process's own scan."""
+        if start is None:
+            start = self.starts(per_partition)[index]
         assert self.layout is not None  # starts() raised otherwise
-        return self.layout.read(self.annotations, starts[index], per_partition)
+        return self.layout.read(self.annotations, Slice(*start), per_partition)
 
     def entries(self) -> list[Any]:
         """Every entry, in file order: the whole file in memory, for tools and tests (the `source`

@@ -323,10 +323,11 @@ class SyntheticAdapter(Adapter):
     def num_partitions(self, per_partition: int) -> int:
         return math.ceil(self.cfg.num_videos / per_partition)
 
-    def partition(self, index: int, per_partition: int) -> Iterator[tuple[int, Any]]:
-        """Scene *i* is entry *i*: a partition is a range of scene numbers, nothing to read."""
-        start = index * per_partition
-        return ((i, i) for i in range(start, min(start + per_partition, self.cfg.num_videos)))
+    def partition(self, index: int, per_partition: int, start: Sequence[int] | None = None) -> Iterator[tuple[int, Any]]:
+        """Scene *i* is entry *i*: a partition is a range of scene numbers, nothing to read (so the
+        plan gives no `start`)."""
+        first = index * per_partition
+        return ((i, i) for i in range(first, min(first + per_partition, self.cfg.num_videos)))
 
     def entry_label(self, entry: Any, position: int) -> str:
         return f"video {entry:06d}"
