@@ -209,6 +209,29 @@ def _as_dict(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
+def expand_dag(dag: Mapping[str, dict[str, Any]],
+               config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The DAG after each stage's plan-time rewrite of its part, and the config blocks the rewrites add.
+
+    A stage class may define `expand_dag(node, dag, config)`, returning None (nothing to rewrite) or
+    the whole rewritten DAG plus new config blocks by config key (`annotator.tiers.0`), which the new
+    nodes name in `config:`. Why at plan time: the nodes a rewrite adds are ordinary nodes, so resume,
+    fingerprints and exactly-once hold for each of them, while the stored config (config.yaml) keeps
+    what the user wrote and a resume expands it again the same way (annotate's cascade: one annotate
+    -> align -> filter chain per tier). Only the nodes of the DAG as written are asked; a node naming
+    no known stage is left for `validate` to report.
+    """
+    out, blocks = dict(dag), {}
+    for node, spec in dag.items():
+        name = spec.get("stage")
+        expand = getattr(STAGES[name], "expand_dag", None) if isinstance(name, str) and name in STAGES else None
+        rewritten = expand(node, out, config) if expand is not None and node in out else None
+        if rewritten is not None:
+            out, added = rewritten
+            blocks.update(added)
+    return out, blocks
+
+
 def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
     """Check the DAG and every stage's config; return the plan or raise ConfigError naming the key."""
     config = _as_dict(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -222,10 +245,12 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
     dag = config.get("dag")
     if not isinstance(dag, dict) or not dag:
         raise ConfigError("dag: missing or empty; it maps node names to {stage, config, after}")
-    nodes: dict[str, StageSpec] = {}
     for node, spec in dag.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"dag.{node}: expected a mapping with keys stage, config, after")
+    dag, blocks = expand_dag(dag, config)
+    nodes: dict[str, StageSpec] = {}
+    for node, spec in dag.items():
         stage_name = spec.get("stage")
         if stage_name is None:
             raise ConfigError(f"dag.{node}.stage: missing")
@@ -237,7 +262,7 @@ def validate(cfg: DictConfig | Mapping[str, Any]) -> BuildPlan:
             if upstream not in dag:
                 raise ConfigError(f"dag.{node}.after: unknown node '{upstream}'")
         config_key = spec.get("config", node)
-        stage_cfg = config.get(config_key)
+        stage_cfg = blocks[config_key] if config_key in blocks else config.get(config_key)
         if stage_cfg is None:
             stage_cfg = {}
         if not isinstance(stage_cfg, dict):

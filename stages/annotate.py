@@ -18,8 +18,8 @@ What the stage writes:
   backend reasons about the same question and align can compare the model's answer (which stays in
   `response`) with the truth. Multiple-choice and open questions need the source's question,
   options and answer.
-- `provenance`: annotator (backend name), model (name@revision), prompt_sha, build_id, and this
-  stage's fingerprint added to `stage_fingerprints`.
+- `provenance`: annotator (backend name), model (name@revision), tier (a cascade's tier; null
+  outside a cascade), prompt_sha, build_id, and this stage's fingerprint added to `stage_fingerprints`.
 
 Frames reach the backend as `sample` embedded them: its default size is the annotators'
 `image_max_side`, so none is re-encoded, and a backend that never looks at pixels (the template
@@ -32,6 +32,14 @@ response of the unit has been sent and cached, and the engine retries the unit (
 
 What the unit's calls cost (tokens, images, seconds, dollars at `annotator.price`; cache hits as
 saved) is its `StageResult.cost` (`stages.lib.cost`), kept in its commit record.
+
+The cascade (`annotator=cascade`, `annotator.tiers`: docs/annotators.md): a cheap annotator first, and
+only the records the filter rejects go to the next. It is expanded at plan time (`expand_dag`, the
+engine's hook) into ordinary nodes, one annotate -> align -> filter chain per tier, each tier's
+`escalate_t<k>` node (a filter node with `output: rejected`, stages/filter.py) passing the next tier
+the records that tier's filter rejected, and the filter's readers reading every tier's kept records.
+So each tier's units have their own fingerprints, commits and cache entries: a resumed cascade pays
+for no call twice. A tier's node writes its number to `provenance.tier` and to its cost (`tier`).
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
+from pipeline.errors import ConfigError
 from pipeline.registry import register_stage
 from pipeline.settings import Settings, setting
 from pipeline.stage import ActorConfig, Rejection, Stage, StageResult, UnitContext, record_error
@@ -48,7 +57,7 @@ from stages.backends import (Backend, BackendChoice, RequestFailed, RequestSetti
                              make_backend)
 from stages.lib import evidence
 from stages.lib.chat import ChatRequest
-from stages.lib.cost import CostMeter, cache_paid, read_cached, unit_cost
+from stages.lib.cost import DEFAULT_TIER, CostMeter, cache_paid, read_cached, unit_cost
 from stages.lib.media import FrameReader, require_frames
 from stages.lib.prompts import PromptSet, record_context, target_answer, write_question
 from stages.lib.response_cache import ResponseCache
@@ -62,6 +71,103 @@ def fields_from_response(response: str) -> dict[str, Any]:
     """The columns a response fills: the raw text, and its `<think>` part as `reasoning` (None when
     the model wrote none; align and the ledger read the raw `response`). Never raises on text."""
     return {"response": response, "reasoning": evidence.split_sections(response).think}
+
+
+# --- the cascade -----------------------------------------------------------------------------------------
+
+#: The stage that judges a tier's records; its `output: rejected` nodes pass the rejections on.
+FILTER_STAGE = "filter"
+#: The name of the node (`escalate_t<k>`) that hands tier k's rejections to tier k+1.
+ESCALATE = "escalate"
+#: Keys of a cascade's block that are the cascade's own, not settings every tier shares.
+CASCADE_KEYS = ("tiers", "backend")
+
+
+@dataclass(kw_only=True)
+class CascadeSettings(Settings):
+    """A cascade's block (conf/annotator/cascade.yaml) besides the annotate settings its tiers share."""
+
+    tiers: list[dict[str, Any]] = setting(help="the annotators in order, each an annotator config: its backend and "
+                                               "that backend's keys; a record the filter rejects goes to the next")
+
+
+@dataclass(kw_only=True)
+class TierSetting(Settings):
+    """The tier of a cascade an annotate node is: set by the expansion in each tier's config block
+    (so it is part of the node's fingerprint), never by hand."""
+
+    tier: int = setting(help="this node's tier in the annotation cascade (1: the first); written to "
+                             "provenance.tier and to the cost ledger", ge=1)
+
+
+def tier_chain(node: str, dag: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The nodes one tier repeats: `node` (annotate) and each node after it, every one read by the
+    next alone, down to the first filter node (`annotate, align, filter` in the default DAG)."""
+    chain = [node]
+    while dag[chain[-1]].get("stage") != FILTER_STAGE:
+        readers = [n for n, spec in dag.items() if chain[-1] in (spec.get("after") or [])]
+        if len(readers) != 1 or list(dag[readers[0]].get("after") or []) != [chain[-1]] or readers[0] in chain:
+            raise ConfigError(f"dag.{node}: a cascade repeats the chain from {node} to a {FILTER_STAGE} node per "
+                              f"tier, each node read by the next alone; {chain[-1]} is read by "
+                              f"{', '.join(readers) or 'no node'}")
+        chain.append(readers[0])
+    return chain
+
+
+def cascade_dag(node: str, key: str, dag: Mapping[str, Mapping[str, Any]],
+                config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The DAG with `node`'s chain (`tier_chain`) repeated once per entry of `config[key]["tiers"]`,
+    as `<name>_t<k>`, and each tier's config block (`<key>.tiers.<k-1>`: the cascade's shared
+    settings, then the entry's, then `tier: k`).
+
+    Tier 1 reads what `node` read; tier k+1 reads `escalate_t<k>`, a filter node on the filter's input
+    with the filter's settings and `output: rejected` (block `<filter key>@escalate`): the records that
+    fail one of tier k's rules. Every node that read the filter reads the tiers' filters instead, in
+    tier order (a map node reads their partitions one after another).
+    """
+    block = config[key]
+    tiers = block.get("tiers")
+    if tiers is None or tiers == "???":
+        raise ConfigError(f"{key}.tiers: required by the cascade but missing; give the annotators in order, each "
+                          "with its backend (e.g. [{backend: transformers, model: ...}, {backend: template}])")
+    if not isinstance(tiers, list) or not tiers:
+        raise ConfigError(f"{key}.tiers: expected a non-empty list of annotator configs, each with its backend "
+                          f"(e.g. [{{backend: template}}]), got {tiers!r}")
+    chain = tier_chain(node, dag)
+    judged, filter_node = chain[-2], chain[-1]
+    filter_key = dag[filter_node].get("config", filter_node)
+    judging = config.get(filter_key) or {}
+    shared = {k: v for k, v in block.items() if k not in CASCADE_KEYS}
+    out = {n: dict(spec) for n, spec in dag.items() if n not in chain}
+    escalating = f"{filter_key}@{ESCALATE}"
+    blocks: dict[str, Any] = {escalating: {**judging, "output": "rejected"} if isinstance(judging, Mapping)
+                              else judging}
+    upstream, kept = list(dag[node].get("after") or []), []
+
+    def add(name: str, spec: dict[str, Any]) -> None:
+        if name in out or name in dag:
+            raise ConfigError(f"dag.{name}: the cascade ({key}.tiers) names a node {name}, which the dag has already")
+        out[name] = spec
+
+    for k, entry in enumerate(tiers, start=1):
+        tier_key = f"{key}.tiers.{k - 1}"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{tier_key}: expected an annotator config with its backend, got {entry!r}")
+        blocks[tier_key] = {**shared, **entry, "tier": k}
+        for name in chain:
+            add(f"{name}_t{k}", {"stage": dag[name]["stage"], "after": upstream,
+                                 "config": tier_key if name == node else dag[name].get("config", name)})
+            upstream = [f"{name}_t{k}"]
+        kept.append(f"{filter_node}_t{k}")
+        if k < len(tiers):
+            add(f"{ESCALATE}_t{k}", {"stage": FILTER_STAGE, "after": [f"{judged}_t{k}"], "config": escalating})
+            upstream = [f"{ESCALATE}_t{k}"]
+    for spec in out.values():
+        after = list(spec.get("after") or [])
+        if filter_node in after:
+            at = after.index(filter_node)
+            spec["after"] = after[:at] + kept + after[at + 1:]
+    return out, blocks
 
 
 # --- the stage -----------------------------------------------------------------------------------------
@@ -103,7 +209,21 @@ class AnnotateStage(Stage):
 
     @classmethod
     def config_parts(cls, config: Mapping[str, Any]) -> list[tuple[str, type[Settings]]]:
-        return super().config_parts(config) + backend_parts(config)
+        if "tiers" in config:  # a cascade's block: each tier's own is checked when the plan expands it
+            return super().config_parts(config) + [("the annotation cascade", CascadeSettings)]
+        tier = [("the annotation cascade", TierSetting)] if "tier" in config else []
+        return super().config_parts(config) + backend_parts(config) + tier
+
+    @classmethod
+    def expand_dag(cls, node: str, dag: Mapping[str, Mapping[str, Any]],
+                   config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]] | None:
+        """The engine's plan-time hook (pipeline.config.expand_dag): a block with `tiers` is a cascade,
+        expanded by `cascade_dag`; any other block leaves the DAG as it is."""
+        key = dag[node].get("config", node)
+        block = config.get(key)
+        if not isinstance(block, Mapping) or "tiers" not in block:
+            return None
+        return cascade_dag(node, key, dag, config)
 
     def setup(self, ctx: UnitContext) -> None:
         self.backend: Backend = make_backend(self.config)
@@ -170,7 +290,8 @@ class AnnotateStage(Stage):
             key = request.cache_key(backend.model_id) if backend.cacheable else f"record-{i}"
             requests[i] = (request, key)
 
-        meter = CostMeter.for_backend(backend)
+        tier = self.config.get("tier")
+        meter = CostMeter.for_backend(backend, str(tier or DEFAULT_TIER))
         responses, failed = self._responses(backend, ctx, {key: request for request, key in requests.values()}, meter)
 
         rows = []
@@ -191,7 +312,7 @@ class AnnotateStage(Stage):
             fingerprints.update(dict(ctx.fingerprints or {}))
             fingerprints[ctx.stage] = ctx.fingerprint
             provenance.update(
-                annotator=backend.name, model=backend.model_id,
+                annotator=backend.name, model=backend.model_id, tier=tier,
                 prompt_sha=backend.prompt_sha(self.prompts.sha(record["task"])), build_id=ctx.build_id,
                 stage_fingerprints=[{"stage": k, "fingerprint": v} for k, v in sorted(fingerprints.items())],
             )

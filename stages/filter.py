@@ -7,20 +7,34 @@ runs on every record, so a rejected record gets one ledger row per rule it faile
 which rules are too strict for a model, not just which rule happened to be checked first. Rules read `scores` (written
 by `align`, and `verify` where it ran) and are vectorised over the partition with pyarrow/numpy:
 thresholds change often, so re-filtering a large build must stay cheap.
+
+A second output, for the annotation cascade (stages/annotate.py `cascade_dag`): a filter node whose
+block says `output: rejected` (the cascade's `escalate_t<k>` nodes; the setting exists only there)
+keeps exactly the records that fail a rule, for the next tier to annotate again, and ledgers
+nothing, since its tier's own filter node, on the same input with the same rules, ledgers them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.registry import register_stage
-from pipeline.settings import setting
+from pipeline.settings import Settings, setting
 from pipeline.stage import Rejection, Stage, StageConfig, StageResult, UnitContext
 from stages.lib.rules import Batch, configured_rules, rule_defaults, rule_problems
 from stages.lib.schema import conform
+
+
+@dataclass(kw_only=True)
+class OutputSetting(Settings):
+    """Which records a filter node keeps, where its block names it (a cascade's escalate nodes)."""
+
+    output: Literal["kept", "rejected"] = setting(help="kept: the records that pass every rule (a filter); "
+                                                       "rejected: those that fail one, without ledger rows (a "
+                                                       "cascade's escalate node, set by the cascade)")
 
 
 @register_stage
@@ -50,6 +64,11 @@ class FilterStage(Stage):
 
     cfg: Config
 
+    @classmethod
+    def config_parts(cls, config: Mapping[str, Any]) -> list[tuple[str, type[Settings]]]:
+        output = [("the annotation cascade", OutputSetting)] if "output" in config else []
+        return super().config_parts(config) + output
+
     def process(self, table: pa.Table | None, ctx: UnitContext) -> StageResult:
         table = conform(table)
         batch = Batch(table)
@@ -63,5 +82,7 @@ class FilterStage(Stage):
                     id=batch.ids[i], rule=rule.name, reason=outcome.reasons[i], value=outcome.values.get(i),
                     threshold=rule.threshold_for(batch.tasks[i]), record=batch.source_ids[i] or batch.ids[i],
                 ))
+        if self.config.get("output") == "rejected":
+            return StageResult(table.filter(pa.array(~keep)))
         rejections.sort(key=lambda r: (r.id or "", r.rule))
         return StageResult(table.filter(pa.array(keep)), rejections)

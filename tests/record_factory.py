@@ -90,11 +90,11 @@ def grounded_response(t: float, answer: str = "[0.0, 5.0]", shift: float = 0.0) 
             f"<answer>{answer}</answer>")
 
 
-FINGERPRINTS = {"align": "a1" * 8, "filter": "f1" * 8, "shard": "5h" * 8}
+FINGERPRINTS = {"align": "a1" * 8, "filter": "f1" * 8, "shard": "5h" * 8, "publish": "9b" * 8}
 
 
 def build_run(run, n: int = 12) -> dict[str, Any]:
-    """A run directory as the engine leaves it after align -> filter -> shard, built by calling the
+    """A run directory as the engine leaves it after align -> filter -> shard -> publish, built by calling the
     real stages: plan.json, committed stage outputs, the filter ledger and the dataset. A third of the
     records cite a box far from the ground truth and are rejected. Returns ids by fate."""
     import dataclasses
@@ -108,6 +108,7 @@ def build_run(run, n: int = 12) -> dict[str, Any]:
     from stages.align import AlignStage
     from stages.filter import FilterStage
     from stages.lib.schema import to_table
+    from stages.publish import PublishStage
     from stages.shard import ShardStage
 
     from stages.lib.evidence import split_sections
@@ -117,18 +118,18 @@ def build_run(run, n: int = 12) -> dict[str, Any]:
     records = [make_record(i, with_jpeg=True, task="spatio_temporal", answer="[0.0, 5.0]", answer_span=[0.0, 5.0],
                            response=response, reasoning=split_sections(response).think)
                for i, response in enumerate(responses)]
-    nodes = {"align": [], "filter": ["align"], "shard": ["filter"]}
+    nodes = {"align": [], "filter": ["align"], "shard": ["filter"], "publish": ["shard"]}
     (run).mkdir(parents=True, exist_ok=True)
     plan = {"build_id": run.name, "nodes": {name: {"node": name, "stage": name, "fingerprint": FINGERPRINTS[name],
                                                     "partitions": 1, "after": after, "actor": False,
-                                                    "barrier": name == "shard"} for name, after in nodes.items()}}
+                                                    "barrier": name == "publish"} for name, after in nodes.items()}}
     (run / "plan.json").write_text(json.dumps(plan))
 
     def ctx(stage):
         return dataclasses.replace(unit_context(run, stage=stage, fingerprint=FINGERPRINTS[stage]), fingerprints=FINGERPRINTS)
 
     table = to_table(records)
-    for stage_cls in (AlignStage, FilterStage, ShardStage):
+    for stage_cls in (AlignStage, FilterStage, ShardStage, PublishStage):
         name = stage_cls.name
         result = stage_cls({}).process(table, ctx(name))
         out = run / "stages" / name / FINGERPRINTS[name]

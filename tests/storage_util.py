@@ -66,7 +66,7 @@ def dataset_files(run: str | Path) -> list[str]:
 
 
 def assert_complete_dataset(run: str | Path, fingerprint: str) -> None:
-    """The dataset is the one of shard fingerprint `fingerprint`: its manifest says so, every shard it
+    """The dataset is the one of publish fingerprint `fingerprint`: its manifest says so, every shard it
     lists is there with its size and sha256, and nothing else is (a reader listing a split folder
     reads exactly the manifest's rows)."""
     import hashlib
@@ -85,3 +85,13 @@ def assert_complete_dataset(run: str | Path, fingerprint: str) -> None:
 
 def plan_fingerprint(run: str | Path, node: str) -> str:
     return read_json(run, "plan.json")["nodes"][node]["fingerprint"]
+
+
+def built_run(tmp_path_factory: pytest.TempPathFactory, name: str, overrides: list[str]) -> Path:
+    """A run directory built once by a real `stgr build` with `overrides` (a module's reference run)."""
+    from tests.engine_util import run_stgr
+
+    run = tmp_path_factory.mktemp(name) / "run"
+    code, out = run_stgr("build", "--run", str(run), *overrides)
+    assert code == 0, out[-3000:]
+    return run

@@ -5,7 +5,7 @@ among a `video` that is empty, `.` or a folder, a question with a lone surrogate
 are empty or hold `<`/`>`, a repeated line and a path leading outside `video_dir`; and a VidSTG file
 with a `frame_count` and a `width` of 10^30. Each bad input is exactly one ledger row naming file,
 record and reason, and every good record reaches the dataset. A partition whose commit keeps failing
-(its output path is taken by a folder) blocks `shard`: the dataset is still published from what
+(its output path is taken by a folder) blocks `shard` and `publish`: the dataset is still published from what
 committed, marked partial, the build exits 1 naming the failed unit, and `stgr resume` completes it
 once the folder is gone.
 """
@@ -95,13 +95,13 @@ def test_bad_jsonl_lines_cost_one_row_each_and_a_failed_partition_costs_no_datas
     (blocker / "keep").write_text("a folder in the way")
     assert run_build(str(run), overrides, interactive=False) == 1
     err = capsys.readouterr().err
-    assert "FAILED filter/part-00002: " in err and "1 unit(s) not run because an input failed" in err
+    assert "FAILED filter/part-00002: " in err and "2 unit(s) not run because an input failed" in err  # shard 2 and publish
     manifest = json.loads((run / "dataset" / "manifest.json").read_text())
-    assert manifest["partial"] == {"missing_units": ["filter/part-00002"]}
+    assert manifest["partial"] == {"missing_units": ["shard/part-00002"]}  # publish's input, blocked by filter
     seeds = {row["source_id"]: row["id"] for row in plan_rows(run, "stages", "source")}
     assert dataset_ids(run) == [seeds["g1"]]  # what committed is published, the repeat of line 1 ledgered
     [problem] = verify(locate(str(run)), whole_run=True)
-    assert problem.startswith("manifest.json: a partial dataset, built without filter/part-00002")
+    assert problem.startswith("manifest.json: a partial dataset, built without shard/part-00002")
 
     shutil.rmtree(blocker)
     assert run_build(str(run), resume=True, interactive=False) == 0
@@ -117,7 +117,7 @@ def test_bad_jsonl_lines_cost_one_row_each_and_a_failed_partition_costs_no_datas
                 (name, "line 6"): ("source", "malformed_record", "field 'key_frames.0.objects.0.name'"),
                 (name, "line 7"): ("source", "malformed_record", "field 'key_frames.0.objects.0.name'"),
                 (name, "line 10"): ("source", "media_outside_video_dir", f"resolves to {tmp_path / 'outside.mp4'}"),
-                (None, "g1"): ("shard", "duplicate_id", "the first is kept")}
+                (None, "g1"): ("publish", "duplicate_id", "the first partition's record is kept")}  # lines 1 and 8
     assert set(rows) == set(expected)
     for key, (stage, rule, says) in expected.items():
         [row] = rows[key]

@@ -58,7 +58,7 @@ def test_empty_dataset_exits_3_resume_agrees_and_allow_empty_exits_0(tmp_path: P
 
     code, resumed = run_stgr("resume", str(run))
     assert code == 3, resumed[-3000:]
-    assert "0 unit(s) committed, 6 reused" in resumed
+    assert "0 unit(s) committed, 7 reused" in resumed
     assert empty_lines(resumed) == [line]
 
     code, status = run_stgr("status", str(run))
@@ -66,7 +66,7 @@ def test_empty_dataset_exits_3_resume_agrees_and_allow_empty_exits_0(tmp_path: P
 
     code, allowed = run_stgr("build", "--run", str(run), *small, *REJECT_ALL, "shard.allow_empty=true")
     assert code == 0, allowed[-3000:]
-    assert "1 unit(s) committed, 5 reused" in allowed  # only shard reran
+    assert "2 unit(s) committed, 5 reused" in allowed  # only shard and publish reran
     assert empty_lines(allowed) == []
     assert f"dataset {run}/dataset: 0 rows" in allowed.splitlines()
 

@@ -38,7 +38,7 @@ INTERRUPTED_BUILD = ["source.num_videos=6", "source.records_per_partition=1", "c
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, ray_tmp: str) -> tuple[Path, str]:
-    """A complete build of 2 partitions (11 units) and its output."""
+    """A complete build of 2 partitions (13 units: shard runs per partition, publish once) and its output."""
     run = tmp_path_factory.mktemp("cli") / "run"
     code, out = run_stgr("build", "--run", str(run), "source.num_videos=2", "source.records_per_partition=1",
                          "cluster.num_cpus=2", f"cluster.temp_dir={ray_tmp}", REJECT_GENERAL_MCQ)
@@ -77,7 +77,7 @@ def assert_one_line_exit_2(code: int, out: str, *expected: str) -> None:
 def test_a_build_ends_with_a_summary_and_where_to_look_next(built: tuple[Path, str]) -> None:
     run, out = built
     lines = out.splitlines()
-    assert re.search(rf"^{re.escape(str(run))}: 11 unit\(s\) committed, 0 reused, 0 failed, 0 blocked in [\d.]+ s$",
+    assert re.search(rf"^{re.escape(str(run))}: 13 unit\(s\) committed, 0 reused, 0 failed, 0 blocked in [\d.]+ s$",
                      out, re.M), out[-3000:]
     rows = dataset_rows(run)
     start = lines.index(f"dataset {run}/dataset: {len(rows)} rows")
@@ -104,7 +104,7 @@ def test_resume_of_a_complete_run_starts_no_ray(built: tuple[Path, str], ray_tmp
     assert code == 0, out[-3000:]
     assert set(os.listdir(ray_tmp)) == sessions  # the stored config points Ray's session files here
     assert "Started a local Ray instance" not in out and "(Ray not started)" in out
-    assert re.search(r": 0 unit\(s\) committed, 11 reused, 0 failed, 0 blocked in ", out)
+    assert re.search(r": 0 unit\(s\) committed, 13 reused, 0 failed, 0 blocked in ", out)
     assert f"dataset {run}/dataset: {len(dataset_rows(run))} rows" in out.splitlines()
 
 

@@ -265,8 +265,9 @@ def _fingerprints(tree: Path) -> dict[str, Any]:
 @pytest.mark.skipif(not BASE, reason="set STGR_FINGERPRINT_BASE=<git revision> to compare with that revision")
 def test_the_default_build_keeps_the_fingerprints_of_the_base_revision(tmp_path: Path) -> None:
     """The default synthetic build's plan, here and at STGR_FINGERPRINT_BASE (checked out in a temporary
-    worktree): every node has the same version and fingerprinted settings, except the nodes named in
-    STGR_FINGERPRINT_CHANGED, and the same fingerprint unless one of those, or a node upstream, changed."""
+    worktree): the same nodes, less the new ones, which STGR_FINGERPRINT_CHANGED must name; every node
+    has the same version and fingerprinted settings, except the nodes named in STGR_FINGERPRINT_CHANGED,
+    and the same fingerprint unless one of those, or a node upstream, changed."""
     base = tmp_path / "base"
     subprocess.run(["git", "worktree", "add", "--detach", str(base), str(BASE)], cwd=REPO, check=True,
                    capture_output=True)
@@ -274,9 +275,13 @@ def test_the_default_build_keeps_the_fingerprints_of_the_base_revision(tmp_path:
         before, after = _fingerprints(base), _fingerprints(REPO)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=True)
-    assert list(before) == list(after)
-    moved: set[str] = set()
+    added = [node for node in after if node not in before]
+    assert [node for node in after if node in before] == list(before) and set(added) <= CHANGED, \
+        f"nodes removed, reordered or added without naming them in STGR_FINGERPRINT_CHANGED: {list(before)} -> {list(after)}"
+    moved: set[str] = set(added)
     for node, now in after.items():
+        if node in added:
+            continue
         own = (now["version"], now["config"]) != (before[node]["version"], before[node]["config"])
         assert not own or node in CHANGED, f"{node}: its settings or version changed: {before[node]} -> {now}"
         if now["fingerprint"] != before[node]["fingerprint"]:

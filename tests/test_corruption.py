@@ -105,12 +105,12 @@ def test_damaged_stage_files_are_detected_and_recomputed(tmp_path: Path, referen
     for rel in damaged:
         assert rel in out, f"{rel} is not named in the build's output"
     assert dataset_rows(run) == dataset_rows(reference)
-    assert_complete_dataset(run, plan_fingerprint(run, "shard"))
+    assert_complete_dataset(run, plan_fingerprint(run, "publish"))
     assert run_stgr("inspect", str(run), "--verify")[0] == 0
 
 
 def test_damaged_shard_output_is_detected_when_the_dataset_is_materialised(tmp_path: Path, reference: Path) -> None:
-    """The shard unit's own output is read when its dataset must be (re)materialised from it."""
+    """A shard unit's summary is read (and its damage caught) when the dataset is published again from it."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     path = _unit_file(run, "shard", 0)

@@ -30,14 +30,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.testing import unit_context
 from stages.commands._records import locate
 from stages.lib.card import SOURCE_LICENSES
 from stages.lib.columns import COLUMNS, column_table, field_type
 from stages.lib.schema import IMAGE, RECORD_SCHEMA, SETS, conform, to_table
-from stages.shard import ShardStage
 from tests.engine_util import run_stgr
 from tests.record_factory import make_record
+from tests.shard_util import publish_records
 from tests.storage_util import plan_fingerprint
 from train.data import load_records
 
@@ -172,10 +171,10 @@ def test_the_card_says_licence_columns_example_counts_and_yield(builds: dict[str
 
 def test_the_licence_comes_from_the_config(tmp_path: Path) -> None:
     records = to_table([make_record(i, source="jsonl") for i in range(4)])
-    ShardStage({}).process(records, unit_context(tmp_path / "own", stage="shard"))
+    publish_records(tmp_path / "own", records)
     own = yaml.safe_load((tmp_path / "own" / "dataset" / "README.md").read_text().split("---\n")[1])
     assert own["license"] == "unknown"  # a user's own file: STGR cannot know its licence
-    ShardStage({"license": "cc-by-nc-4.0"}).process(records, unit_context(tmp_path / "set", stage="shard"))
+    publish_records(tmp_path / "set", records, {"license": "cc-by-nc-4.0"})
     card = (tmp_path / "set" / "dataset" / "README.md").read_text()
     assert yaml.safe_load(card.split("---\n")[1])["license"] == "cc-by-nc-4.0"
     assert "Set by `shard.license`: `cc-by-nc-4.0`" in card

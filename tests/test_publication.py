@@ -1,17 +1,18 @@
 """The dataset belongs to the plan, and publishing it is atomic per attempt.
 
 - switch-back: a run directory built with one config, then another, then the first again, holds the
-  first config's dataset (the shard unit is reused, so the dataset is materialised from it), and
+  first config's dataset (the publish unit is reused; the shard units whose files the other config's
+  publication deleted are recomputed, and the dataset is published from their summaries), and
   `stgr inspect --verify` fails while the dataset is not the plan's;
-- racing publications: two shard attempts of the same fingerprint (a straggler of a killed build and
-  the resumed one) run at once, one of them killed at a random instant, 20 times: whenever the shard
-  unit is committed, the dataset is complete (manifest of that fingerprint, every shard it lists
-  intact, nothing else in the split folders).
+- racing publications: two publish attempts of the same fingerprint (a straggler of a killed build
+  and the resumed one) run at once, one of them killed at a random instant, 20 times, over shard
+  units that repeat an id across partitions (so a file is rewritten and its original deleted):
+  whenever the publish unit is committed, the dataset is complete (manifest of that fingerprint,
+  every file it lists intact, nothing else in the split folders).
 Real `stgr` processes on real local Ray for the first; real processes racing `run_unit` for the second.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -21,12 +22,11 @@ import signal
 from pathlib import Path
 
 from pipeline.rundir import RunDir, Unit, commit, is_committed
-from pipeline.testing import unit_context
 from pipeline.worker import UnitTask, run_unit
 from stages.lib.schema import to_table
-from stages.shard import ShardStage
 from tests.engine_util import run_stgr
 from tests.record_factory import make_record
+from tests.shard_util import publish_records
 from tests.storage_util import assert_complete_dataset, dataset_rows, plan_fingerprint, read_json
 from tests.storage_util import small  # noqa: F401,F811 - a pytest fixture
 
@@ -50,11 +50,12 @@ def test_switch_back_rebuilds_the_dataset_of_the_final_config(tmp_path: Path, sm
     code, out = run_stgr("build", "--run", str(run), *small, "shard.allow_empty=true")
     assert code == 0, out[-3000:]
     assert dataset_rows(run) == clean
-    assert_complete_dataset(run, plan_fingerprint(run, "shard"))
+    assert_complete_dataset(run, plan_fingerprint(run, "publish"))
     assert run_stgr("inspect", str(run), "--verify")[0] == 0
 
     # a dataset that is not the plan's (here: the strict one put back) fails verification, naming why,
-    # and a resume republishes the plan's dataset from the committed shard unit without recomputing it
+    # and a resume republishes the plan's dataset: the publish unit is reused, the shard unit whose
+    # files the strict publication deleted is recomputed from its committed input
     shutil.rmtree(run / "dataset")
     shutil.copytree(stale, run / "dataset")
     code, out = run_stgr("inspect", str(run), "--verify")
@@ -62,38 +63,40 @@ def test_switch_back_rebuilds_the_dataset_of_the_final_config(tmp_path: Path, sm
     assert "does not match the run's plan" in out
     code, out = run_stgr("resume", str(run))
     assert code == 0, out[-3000:]
-    assert "0 unit(s) committed, 6 reused" in out
+    assert "1 unit(s) committed, 6 reused" in out
     assert dataset_rows(run) == clean
     assert run_stgr("inspect", str(run), "--verify")[0] == 0
 
 
-FILTER_FP, SHARD_FP, OLD_FP = "f0" * 8, "5a" * 8, "01" * 8
+FILTER_FP, SHARD_FP, PUBLISH_FP, OLD_FP = "f0" * 8, "5a" * 8, "9b" * 8, "01" * 8
 
 
 def _race_run(tmp_path: Path) -> tuple[RunDir, UnitTask, Path]:
-    """A run directory whose two filter units are committed, and the shard task that reads them;
-    plus a saved dataset of an older shard fingerprint, which each trial's publication replaces."""
+    """A run directory whose two filter and two shard units are committed (partition 1 repeats an id
+    of partition 0), and the publish task that reads them; plus a saved dataset folder holding the
+    shard units' files and the dataset of an older publish fingerprint, which each trial replaces."""
     run = RunDir.open(str(tmp_path / "run"))
-    inputs = []
+    fingerprints = {"filter": FILTER_FP, "shard": SHARD_FP, "publish": PUBLISH_FP}
+    nodes = {"filter": ([], False), "shard": (["filter"], False), "publish": (["shard"], True)}
+    plan = {"build_id": "run", "nodes": {
+        name: {"node": name, "stage": name, "fingerprint": fingerprints[name], "partitions": 1 if barrier else 2,
+               "after": after, "actor": False, "barrier": barrier} for name, (after, barrier) in nodes.items()}}
+    config = {"target_shard_mb": 0.05}
+    publish_records(run.path, to_table([make_record(100 + i) for i in range(5)]), config,
+                    {"shard": OLD_FP, "publish": OLD_FP})
+    run.write_text("plan.json", json.dumps(plan))
+    shards = []
     for p in range(2):
         unit = Unit("filter", FILTER_FP, p)
-        table = to_table([make_record(10 * p + i, with_jpeg=True) for i in range(10)])
-        commit(run, unit, table, [], {"node": "filter", "partition": p})
-        inputs.append(unit)
-    fingerprints = {"filter": FILTER_FP, "shard": SHARD_FP}
-    plan = {"build_id": "run", "nodes": {
-        "filter": {"node": "filter", "stage": "filter", "fingerprint": FILTER_FP, "partitions": 2, "after": [],
-                   "actor": False, "barrier": False},
-        "shard": {"node": "shard", "stage": "shard", "fingerprint": SHARD_FP, "partitions": 1, "after": ["filter"],
-                  "actor": False, "barrier": True}}}
-    config = {"target_shard_mb": 0.05}
-    old_ctx = dataclasses.replace(unit_context(run.path, stage="shard", fingerprint=OLD_FP),
-                                  fingerprints={**fingerprints, "shard": OLD_FP})
-    ShardStage(config).process(to_table([make_record(100 + i) for i in range(5)]), old_ctx)
+        ids = [*range(10 * p, 10 * p + 10), *([5] if p else [])]
+        commit(run, unit, to_table([make_record(i, with_jpeg=True) for i in ids]), [], {"node": "filter", "partition": p})
+        shard = UnitTask(run.uri, Unit("shard", SHARD_FP, p), "shard", config, (unit,), 2, 1, "run",
+                         fingerprints=fingerprints)
+        run_unit(shard)
+        shards.append(shard.unit)
     old = tmp_path / "old-dataset"
-    shutil.move(run.join("dataset"), old)
-    run.write_text("plan.json", json.dumps(plan))
-    task = UnitTask(run.uri, Unit("shard", SHARD_FP, 0), "shard", config, tuple(inputs), 1, 1, "run",
+    shutil.copytree(run.join("dataset"), old)
+    task = UnitTask(run.uri, Unit("publish", PUBLISH_FP, 0), "publish", config, tuple(shards), 1, 1, "run",
                     fingerprints=fingerprints)
     return run, task, old
 
@@ -108,7 +111,7 @@ def _attempt(task: UnitTask) -> None:
 def test_racing_publications_never_leave_a_committed_unit_without_its_dataset(tmp_path: Path) -> None:
     run, task, old = _race_run(tmp_path)
     mp = multiprocessing.get_context("forkserver")
-    mp.set_forkserver_preload(["pipeline.worker", "stages.plugins", "stages.shard"])
+    mp.set_forkserver_preload(["pipeline.worker", "stages.plugins", "stages.publish"])
     committed = 0
     for trial in range(20):
         rng = random.Random(trial)
@@ -127,7 +130,7 @@ def test_racing_publications_never_leave_a_committed_unit_without_its_dataset(tm
             proc.join(120)
         if is_committed(run, task.unit):
             committed += 1
-            assert_complete_dataset(run.path, SHARD_FP)
+            assert_complete_dataset(run.path, PUBLISH_FP)
             manifest = read_json(run.path, "dataset/manifest.json")
             assert manifest["rows"] == 20, f"trial {trial}"
     assert committed == 20, "every trial has an attempt that is not killed, and it commits"

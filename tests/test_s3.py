@@ -104,7 +104,7 @@ def test_build_killed_and_resumed_on_s3_equals_a_local_build(tmp_path: Path, s3_
     assert code == 0, out[-5000:]
 
     assert dataset_rows(remote) == dataset_rows(local)
-    assert_complete_dataset(remote, plan_fingerprint(remote, "shard"))
+    assert_complete_dataset(remote, plan_fingerprint(remote, "publish"))
     keys = _keys(remote)
     debris = [k for k in keys if ".tmp-" in k or k.startswith(".")]
     assert not debris, debris

@@ -1,7 +1,7 @@
-"""`shard`: stable split, shard files, manifest, card, atomic replacement, loadable by pandas and datasets."""
+"""`shard` + `publish`: stable split, per-partition files, manifest, card, atomic replacement, loadable
+by pandas and datasets."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -12,25 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.stage import LEDGER_SCHEMA, Rejection
-from pipeline.testing import unit_context
-from stages.lib.schema import RECORD_SCHEMA, SCHEMA_VERSION, SETS, to_table
+from stages.lib.dataset import SUMMARY_SCHEMA
+from stages.lib.schema import SCHEMA_VERSION, SETS, to_table
 from stages.shard import ShardStage, split_of
 from tests.record_factory import make_record
-
-FINGERPRINTS = {"source": "s" * 16, "sample": "a" * 16, "annotate": "n" * 16, "align": "l" * 16,
-                "filter": "t" * 16, "shard": "h" * 16}
+from tests.shard_util import FINGERPRINTS, publish_partitions, publish_records
 
 
-def _ctx(run: Path, fingerprint: str = "h" * 16, attempt: int = 1):
-    ctx = unit_context(run, stage="shard", fingerprint=fingerprint, attempt=attempt)
-    return dataclasses.replace(ctx, fingerprints={**FINGERPRINTS, "shard": fingerprint})
-
-
-def _records(n: int) -> pa.Table:
+def _records(n: int, first: int = 0) -> pa.Table:
     tasks = ["spatio_temporal", "temporal", "spatial"]
     sources = ["synthetic", "vidstg"]
     return to_table([make_record(i, task=tasks[i % 3], source=sources[i % 2], with_jpeg=(i < 4))
-                     for i in range(n)])
+                     for i in range(first, first + n)])
 
 
 def _write_ledger(run: Path, stage: str, fingerprint: str, rows: list[Rejection]) -> None:
@@ -61,36 +54,37 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
     _write_ledger(run, "sample", FINGERPRINTS["sample"], [Rejection(id="x3", rule="unreadable", reason="moov atom not found")])
     # a ledger of an older config of the same stage must not be counted
     _write_ledger(run, "filter", "0" * 16, [Rejection(id="x9", rule="claim_iou", reason="old")])
-    table = _records(40)
-    stage = ShardStage({"rl_fraction": 0.5, "target_shard_mb": 0.05})
-    result = stage.process(table, _ctx(run))
+    partitions = [_records(20), _records(20, first=20)]
+    shards, published = publish_partitions(run, partitions, {"rl_fraction": 0.5, "target_shard_mb": 0.05})
 
-    out = result.table
-    assert out.schema == RECORD_SCHEMA
-    assert out.num_rows == 40 and set(out.column("split").to_pylist()) == {"stgr-cot", "stgr-rl"}
-    assert out.column("id").to_pylist() == sorted(table.column("id").to_pylist())
-    prov = out.column("provenance").to_pylist()
-    assert all({f["stage"]: f["fingerprint"] for f in p["stage_fingerprints"]} == FINGERPRINTS for p in prov)
-    assert all(p["build_id"] == "run" for p in prov)
+    for p, result in enumerate(shards):  # a shard unit commits a summary of what it wrote, no record
+        assert result.table.schema == SUMMARY_SCHEMA and result.table.num_rows == 20
+        assert set(result.table.column("partition").to_pylist()) == {p}
+    assert published.table.num_rows == 40
+    assert sorted(published.table.column("id").to_pylist()) == sorted(
+        i for t in partitions for i in t.column("id").to_pylist())
 
     dataset = run / "dataset"
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["rows"] == 40
+    assert manifest["node"] == "publish" and manifest["fingerprint"] == FINGERPRINTS["publish"]
     total = 0
     for name in SETS:
         info = manifest["splits"][name]
         files = sorted(p.name for p in (dataset / name).iterdir())
-        n = len(info["shards"])
-        assert n > 1, "a 50 kB target must give several shards"
-        assert files == [f"train-{k:05d}-of-{n:05d}-{shard['sha256'][:12]}.parquet"
-                         for k, shard in enumerate(info["shards"])]
+        assert len(info["shards"]) > 2, "a 50 kB target must give several files per partition"
+        assert files == sorted(s["path"].split("/")[1] for s in info["shards"])
         for shard in info["shards"]:
+            assert shard["path"].startswith(f"{name}/part-0000") and shard["path"].endswith(f"-{shard['sha256'][:12]}.parquet")
             data = (dataset / shard["path"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
         frame = pd.read_parquet(dataset / name)
         assert len(frame) == info["rows"] == sum(s["rows"] for s in info["shards"])
         assert set(frame["split"]) == {name}
         assert frame["frames"].iloc[0][0]["t_s"] == 0.0  # nested columns come back as plain values
+        assert all({f["stage"]: f["fingerprint"] for f in p["stage_fingerprints"]} == FINGERPRINTS
+                   for p in frame["provenance"])
+        assert all(p["build_id"] == "run" for p in frame["provenance"])
         total += len(frame)
     assert total == 40
 
@@ -109,7 +103,7 @@ def test_writes_loadable_shards_manifest_and_card(tmp_path):
 def test_loads_with_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     run = tmp_path / "run"
-    ShardStage({"rl_fraction": 0.25}).process(_records(12), _ctx(run))
+    publish_partitions(run, [_records(6), _records(6, first=6)], {"rl_fraction": 0.25})
     cot = datasets.load_dataset("parquet", data_dir=str(run / "dataset" / "stgr-cot"), split="train",
                                 cache_dir=str(tmp_path / "hf"))
     rl = datasets.load_dataset(str(run / "dataset"), "stgr-rl", split="train", cache_dir=str(tmp_path / "hf"))
@@ -119,24 +113,24 @@ def test_loads_with_datasets(tmp_path):
 
 def test_replaces_a_previous_dataset_whole_and_is_idempotent(tmp_path):
     run = tmp_path / "run"
-    ShardStage({"rl_fraction": 0.5}).process(_records(10), _ctx(run, fingerprint="1" * 16))
-    # debris of a killed attempt of the new unit
+    publish_records(run, _records(10), {"rl_fraction": 0.5}, {"publish": "1" * 16})
+    # debris of a killed attempt of an earlier version of the stage
     (run / f".dataset.tmp-{'2' * 16}-1" / "stgr-cot").mkdir(parents=True)
-    ShardStage({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16))
+    publish_records(run, _records(6), {"rl_fraction": 0.5}, {"publish": "2" * 16})
     manifest = json.loads((run / "dataset" / "manifest.json").read_text())
     assert manifest["fingerprint"] == "2" * 16 and manifest["rows"] == 6
     assert len(pd.read_parquet(run / "dataset" / "stgr-cot")) + len(pd.read_parquet(run / "dataset" / "stgr-rl")) == 6
     assert sorted(p.name for p in run.iterdir()) == ["dataset"]
 
-    # a straggler of the same unit (same fingerprint) leaves the committed dataset untouched
+    # a straggler of the same units (same fingerprints) leaves the committed dataset untouched
     before = {p: p.stat().st_mtime_ns for p in (run / "dataset").rglob("*")}
-    ShardStage({"rl_fraction": 0.5}).process(_records(6), _ctx(run, fingerprint="2" * 16, attempt=2))
+    publish_records(run, _records(6), {"rl_fraction": 0.5}, {"publish": "2" * 16}, attempt=2)
     assert {p: p.stat().st_mtime_ns for p in (run / "dataset").rglob("*")} == before
 
 
 def test_empty_input_gives_an_empty_but_loadable_dataset(tmp_path):
     run = tmp_path / "run"
-    ShardStage({}).process(to_table([]), _ctx(run))
+    publish_records(run, to_table([]))
     assert len(pd.read_parquet(run / "dataset" / "stgr-rl")) == 0
     assert json.loads((run / "dataset" / "manifest.json").read_text())["rows"] == 0
 
@@ -144,14 +138,16 @@ def test_empty_input_gives_an_empty_but_loadable_dataset(tmp_path):
 def test_duplicate_ids_are_ledgered_and_the_first_is_kept(tmp_path):
     first, other = make_record(0), make_record(1)
     repeat = {**first, "question": "the same id again"}
-    result = ShardStage({}).process(to_table([first, other, repeat, repeat]), _ctx(tmp_path / "run"))
+    shards, published = publish_partitions(tmp_path / "run", [to_table([first, other, repeat, repeat])])
+    result = shards[0]
     assert sorted(result.table.column("id").to_pylist()) == sorted([first["id"], other["id"]])
-    kept = next(r for r in result.table.to_pylist() if r["id"] == first["id"])
-    assert kept["question"] == first["question"]
     assert [(r.id, r.rule, r.record) for r in result.rejections] == [(first["id"], "duplicate_id", "video0000")] * 2
     assert "occurs 3 times upstream; the first is kept" in result.rejections[0].reason
+    frame = pd.concat([pd.read_parquet(tmp_path / "run" / "dataset" / name) for name in SETS])
+    assert frame.set_index("id").loc[first["id"], "question"] == first["question"]
+    assert published.rejections == []
     manifest = json.loads((tmp_path / "run" / "dataset" / "manifest.json").read_text())
-    assert manifest["rows"] == 2 and manifest["ledger"][0]["rule"] == "duplicate_id"
+    assert manifest["rows"] == 2
 
 
 def test_config_validation():
@@ -163,7 +159,7 @@ def test_config_validation():
 @pytest.mark.slow
 def test_default_build_end_to_end_then_refilter(tmp_path, capsys):
     """`stgr build` with the defaults ends in a dataset of every task with a verified manifest; a
-    stricter filter reruns only filter and shard, and the manifest counts only this config's ledger."""
+    stricter filter reruns only filter, shard and publish, and the manifest counts only this config's ledger."""
     import tempfile
 
     from pipeline.build import run_build
@@ -180,7 +176,7 @@ def test_default_build_end_to_end_then_refilter(tmp_path, capsys):
     assert set(frames["task"]) == {"spatio_temporal", "temporal", "temporal_mcq", "spatial", "general_mcq", "general_free"}
     assert all(f["stage"] for p in frames["provenance"] for f in p["stage_fingerprints"])
     assert {f["stage"] for f in frames["provenance"].iloc[0]["stage_fingerprints"]} == {
-        "source", "sample", "annotate", "align", "filter", "shard"}
+        "source", "sample", "annotate", "align", "filter", "shard", "publish"}
     assert main(["inspect", str(run), "--verify"]) == 0
     assert "all sizes and sha256 match" in capsys.readouterr().out
     assert manifest["config"]["filter"]["rules"]["claim_iou"]["threshold"] == 0.5

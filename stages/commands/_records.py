@@ -143,12 +143,12 @@ def locate(uri: str) -> Located:
 
 
 def _run(uri: str, fs: pafs.FileSystem, path: str) -> Located:
-    """A run directory: its dataset if shard has written one, else the output of its last stage."""
+    """A run directory: its dataset if publish has written one, else the output of its last stage."""
     plan = _read_json(fs, posixpath.join(path, "plan.json"))
     nodes: dict[str, Any] = plan.get("nodes", {})
     fingerprints = {name: node["fingerprint"] for name, node in nodes.items()}
     for name, node in nodes.items():
-        if node.get("stage") == "shard":
+        if node.get("stage") == "publish":
             candidate = posixpath.join(path, "dataset")
             if _kind(fs, posixpath.join(candidate, "manifest.json")) == pafs.FileType.File:
                 located = _dataset(uri, fs, candidate)

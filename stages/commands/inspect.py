@@ -83,13 +83,13 @@ def _plan(located: Located) -> dict[str, Any] | None:
 
 def verify_plan(located: Located) -> list[str]:
     """Whether a dataset inside a run directory is the one the run's plan makes: its manifest was
-    written by the plan's shard unit (another config built in between leaves another dataset), from
+    written by the plan's publish unit (another config built in between leaves another dataset), from
     every input (a partial dataset is not)."""
     plan, manifest = _plan(located), located.manifest or {}
     if plan is None:
         return []
     nodes = plan.get("nodes", {})
-    node = manifest.get("node") or next((n for n, info in nodes.items() if info.get("stage") == "shard"), None)
+    node = manifest.get("node") or next((n for n, info in nodes.items() if info.get("stage") == "publish"), None)
     expected = (nodes.get(node) or {}).get("fingerprint")
     run = located.run_path
     if manifest.get("partial"):  # published from what committed while units failed (docs/sources.md)

@@ -142,7 +142,8 @@ def cost_section(cost: Mapping[str, Any] | None) -> list[str]:
         return []
     rows = [{"stage": node, **c, "usd": usd_text(c["usd"]), "saved": usd_text(c["saved_usd"])}
             for node, c in cost["stages"].items()]
-    tiers = [{"tier": tier, **c, "usd": usd_text(c["usd"])} for tier, c in cost["tiers"].items()]
+    tiers = [{"tier": tier, **c, "usd": usd_text(c["usd"]),
+              "yield": "-" if c.get("yield") is None else f"{c['yield']:.1%}"} for tier, c in cost["tiers"].items()]
     per = (f"{usd_text(cost['per_kept_row_usd'])} per kept row ({cost['kept_rows']} rows)"
            if cost["per_kept_row_usd"] is not None else "no kept row to divide by")
     lines = ["## Cost", "",
@@ -156,8 +157,19 @@ def cost_section(cost: Mapping[str, Any] | None) -> list[str]:
         _markdown_table(rows, ["stage", "calls", "recovered", "cached", "input_tokens", "output_tokens", "images",
                                "wall_s", "accelerator_s", "usd", "saved"]),
         "Per annotator tier:", "",
-        _markdown_table(tiers, ["tier", "backend", "model", "calls", "input_tokens", "output_tokens", "usd"]),
+        _markdown_table(tiers, ["tier", "backend", "model", "records", "kept", "yield", "calls", "input_tokens",
+                                "output_tokens", "usd"]),
+        *_strong_only_lines(cost.get("strong_only")),
     ]
+
+
+def _strong_only_lines(estimate: Mapping[str, Any] | None) -> list[str]:
+    """The cascade's line comparing it with its last tier alone (stages.lib.cost.strong_only)."""
+    if not estimate:
+        return []
+    return [f"With tier {estimate['tier']} alone this build would have cost about {usd_text(estimate['usd'])}, "
+            f"{usd_text(estimate['per_kept_row_usd'])} per kept row (estimated from that tier's "
+            f"{'price per call' if estimate['basis'] == 'calls' else 'token price at tier 1 token counts'}).", ""]
 
 
 def dataset_card(manifest: Mapping[str, Any], example: Mapping[str, Any] | None, configured_license: str | None) -> str:

@@ -94,6 +94,8 @@ COLUMNS: tuple[Column, ...] = (
            "verify stage"),
     Column("provenance.annotator", "annotate", "-", "backend name (`template`, `transformers`, `vllm`, `openai`)"),
     Column("provenance.model", "annotate", "-", "model name `@` revision"),
+    Column("provenance.tier", "annotate", "-", "the annotation cascade's tier that wrote the row (1: the first; "
+           "null outside a cascade)"),
     Column("provenance.prompt_sha", "annotate", "-", "hash of the prompt template (or of the template backend's "
            "phrase tables)"),
     Column("provenance.build_id", "annotate, shard", "-", "the build's label (run directory name by default)"),

@@ -24,7 +24,8 @@ before committing (a kill, a transient failure) was paid by this build, so it co
 
 A `CostMeter` per unit gathers the calls; `unit_cost` is what the unit's `StageResult.cost` (and so
 its commit record) holds; `cost_summary` sums the commit records of a build per stage and per
-annotator tier, for `manifest.json` and the card (`stgr status` sums the same records with
+annotator tier (with each tier's yield and, for a cascade, the estimate of a strong-only build), for
+`manifest.json` and the card (`stgr status` sums the same records with
 `pipeline.cost`).
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pipeline.rundir import Unit
 
 #: A backend's `price` setting when none is given: every call free (a price is the user's to state).
 PRICE_DEFAULT: dict[str, float] = {"input_per_mtok": 0.0, "output_per_mtok": 0.0, "per_gpu_hour": 0.0}
-#: The annotator tier of a unit that names none (there is one tier until a cascade exists).
+#: The annotator tier of a unit that names none (an annotate node outside a cascade).
 DEFAULT_TIER = "1"
 
 
@@ -180,44 +181,101 @@ def unit_cost(meter: CostMeter, backend: Any) -> dict[str, Any]:
             "gpus": meter.gpus, "price": asdict(meter.price)}
 
 
-def _commit_costs(fs: pafs.FileSystem, run_path: str, node: str, info: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The `cost` of each committed unit of one plan node (units without one are left out)."""
-    costs = []
+def _commit_records(fs: pafs.FileSystem, run_path: str, node: str, info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The commit record of each committed unit of one plan node."""
+    records = []
     for partition in range(int(info.get("partitions") or 0)):
         path = posixpath.join(run_path, Unit(node, info["fingerprint"], partition).record)
         try:
             with fs.open_input_stream(path) as stream:
-                record = json.loads(stream.read())
+                records.append(json.loads(stream.read()))
         except FileNotFoundError:
             continue
-        if record.get("cost"):
-            costs.append(record["cost"])
-    return costs
+    return records
+
+
+def _judge_of(node: str, plan_nodes: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The filter node whose kept rows are annotate node `node`'s yield: the first filter node after
+    it, following each node's one reader (the default DAG's `filter`, a cascade tier's `filter_t<k>`).
+    A reader that an annotate node reads is a cascade's escalate node (the rejected rows): not followed."""
+    def readers(of: str) -> list[str]:
+        return [n for n, info in plan_nodes.items() if of in (info.get("after") or ())]
+
+    current: str | None = node
+    while current is not None and plan_nodes[current].get("stage") != "filter":
+        onward = [n for n in readers(current)
+                  if not any(plan_nodes[r].get("stage") == "annotate" for r in readers(n))]
+        current = onward[0] if len(onward) == 1 else None
+    return current
+
+
+def _tier_entry(costs: list[dict[str, Any]], records: int, kept: int) -> dict[str, Any]:
+    """One tier's cost, what it annotated (`records`: rows in), what its filter kept, and its yield."""
+    return {**add_costs(costs), "backend": costs[0].get("backend"), "model": costs[0].get("model"),
+            "price": costs[0].get("price"), "records": records, "kept": kept,
+            "yield": round(kept / records, 6) if records else None}
+
+
+def strong_only(tiers: Mapping[str, Mapping[str, Any]], kept_rows: int) -> dict[str, Any] | None:
+    """What the build would have cost with its last (strongest) tier alone, for a cascade (None for
+    one tier): that tier's dollars per request, times the records tier 1 annotated (all of them).
+
+    Per request is the last tier's dollars per call, counting its cached requests at what they saved;
+    where it answered none (tier 1 kept every record), tier 1's mean tokens per call at the last
+    tier's token price (`basis`: calls or tokens). Per kept row divides by this build's kept rows:
+    the rows a strong-only build would keep are not known without running it.
+    """
+    if len(tiers) < 2:
+        return None
+    order = sorted(tiers, key=int)
+    first, last = tiers[order[0]], tiers[order[-1]]
+    asked = last["calls"] + last["cached"]
+    if asked:
+        per_request, basis = (last["usd"] + last["saved_usd"]) / asked, "calls"
+    else:
+        calls = max(1, first["calls"])
+        per_request = Price.of(last.get("price")).usd(first["input_tokens"] / calls, first["output_tokens"] / calls,
+                                                       0.0)
+        basis = "tokens"
+    usd = round(per_request * first["records"], 9)
+    return {"tier": order[-1], "usd": usd, "per_kept_row_usd": per_row(usd, kept_rows), "basis": basis}
 
 
 def cost_summary(fs: pafs.FileSystem, run_path: str, plan_nodes: Mapping[str, Mapping[str, Any]],
                  kept_rows: int) -> dict[str, Any]:
     """The build's cost for `manifest.json`: totals, per kept row, what the cache saved, per stage
     (each node whose units made model calls) and per annotator tier (the annotate nodes' units, by
-    their `tier`), summed from the commit records of the plan's fingerprints only."""
+    their `tier`, with the records each tier annotated, how many its filter kept and the yield),
+    summed from the commit records of the plan's fingerprints only; for a cascade, `strong_only`:
+    the estimate of the same build with its last tier alone (see `strong_only`)."""
+    records = {node: _commit_records(fs, run_path, node, info) for node, info in plan_nodes.items()}
     stages: dict[str, dict[str, Any]] = {}
     tiers: dict[str, list[dict[str, Any]]] = {}
+    flow: dict[str, list[int]] = {}
     for node, info in plan_nodes.items():
-        costs = _commit_costs(fs, run_path, node, info)
+        costs = [r["cost"] for r in records[node] if r.get("cost")]
         if not costs:
             continue
         stages[node] = {**add_costs(costs), "units": len(costs)}
         if info.get("stage") == "annotate":
-            for cost in costs:
-                tiers.setdefault(str(cost.get("tier") or DEFAULT_TIER), []).append(cost)
+            tier = str(costs[0].get("tier") or DEFAULT_TIER)
+            tiers.setdefault(tier, []).extend(costs)
+            judge = _judge_of(node, plan_nodes)
+            counts = flow.setdefault(tier, [0, 0])
+            counts[0] += sum(int(r.get("rows_in") or 0) for r in records[node])
+            counts[1] += sum(int(r.get("rows_out") or 0) for r in records.get(judge, [])) if judge else 0
     total = add_costs(stages.values())
-    return {
+    per_tier = {tier: _tier_entry(costs, *flow[tier]) for tier, costs in sorted(tiers.items(), key=lambda t: int(t[0]))}
+    summary = {
         "total_usd": total["usd"],
         "per_kept_row_usd": per_row(total["usd"], kept_rows),
         "saved_usd": total["saved_usd"],
         "kept_rows": kept_rows,
         **{key: total[key] for key in COUNTS if key not in ("usd", "saved_usd")},
         "stages": stages,
-        "tiers": {tier: {**add_costs(costs), "backend": costs[0].get("backend"), "model": costs[0].get("model")}
-                  for tier, costs in sorted(tiers.items())},
+        "tiers": per_tier,
     }
+    estimate = strong_only(per_tier, kept_rows)
+    if estimate is not None:
+        summary["strong_only"] = estimate
+    return summary

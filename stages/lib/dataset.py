@@ -1,24 +1,173 @@
 """The published dataset's layout and what a run directory says about it, for every reader.
 
-`shard` writes the dataset (`<run>/dataset/<set>/`, `manifest.json`, the card); `stgr
-inspect`, `show`, `view` and `export` read it back, with the ledger rows of the units that built it.
-The sets' folders (`stages.lib.schema.SETS`: one name for the folder, the `datasets` config and the
-`split` value), how rows and rejections are counted, and which files of a dataset folder a manifest
-does not list are defined here once, so the writer and the readers cannot drift.
+`shard` writes each upstream partition's records straight into the dataset folder
+(`<run>/dataset/<set>/part-PPPPP-KKKKK-<digest>.parquet`, `shard_path`) and commits only a summary of
+them (`SUMMARY_SCHEMA`); `publish` reads the summaries, writes the card and `manifest.json` (the commit
+point) and deletes what no manifest lists. `stgr inspect`, `show`, `view` and `export` read the dataset
+back through the manifest, with the ledger rows of the units that built it. The sets' folders
+(`stages.lib.schema.SETS`: one name for the folder, the `datasets` config and the `split` value), the
+file names, the settings both stages read (`DatasetConfig`, the `shard` block), how rows and
+rejections are counted, and which files of a dataset folder a manifest does not list are defined here
+once, so the writers and the readers cannot drift.
 """
 from __future__ import annotations
 
+import io
+import json
 import posixpath
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import yaml
 
 from pipeline.rundir import RunDir, Unit, is_committed, ledger_dir, read_verified_table
-from pipeline.stage import LEDGER_SCHEMA
+from pipeline.settings import setting
+from pipeline.stage import LEDGER_SCHEMA, StageConfig, UnitContext
+from stages.lib.card import parquet_metadata
+
+#: What a `shard` unit commits: one row per record it wrote into the dataset, never the record
+#: itself (no frames): its id, set, task and source, the partition, and the file that holds it with
+#: that file's rows, bytes, in-memory Arrow bytes and sha256 (repeated on each of its rows). That is
+#: all `publish` needs to drop ids repeated across partitions, count rows and list every file in the
+#: manifest without opening one.
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("id", pa.string()), pa.field("source_id", pa.string()), pa.field("split", pa.string()),
+    pa.field("task", pa.string()), pa.field("source", pa.string()), pa.field("partition", pa.int64()),
+    pa.field("file", pa.string()), pa.field("file_rows", pa.int64()), pa.field("file_bytes", pa.int64()),
+    pa.field("file_arrow_bytes", pa.int64()), pa.field("file_sha256", pa.string()),
+])
+
+#: Characters of the sha256 a dataset file's name ends in.
+DIGEST_CHARS = 12
+
+
+@dataclass(kw_only=True)
+class DatasetConfig(StageConfig):
+    """The `shard` config block, read by both dataset nodes (`shard` writes the files, `publish`
+    the manifest and card), so a user sets each once."""
+
+    rl_fraction: float = setting(0.5, "share of records that go to stgr-rl (RL), the rest to stgr-cot (SFT), "
+                                      "drawn from a stable hash of (salt, id): a record stays in its split "
+                                      "across rebuilds", ge=0, le=1)
+    salt: str = setting("", "change it to draw a different (still stable) split")
+    target_shard_mb: float = setting(256, "most in-memory Arrow data (MiB) of one Parquet file: a partition "
+                                          "holding more is written as several files (files are smaller: zstd)",
+                                     gt=0)
+    compression: str = setting("zstd", "Parquet compression codec")
+    output: str = setting("dataset", "folder under the run directory that receives stgr-cot/, stgr-rl/, "
+                                     "manifest.json and README.md")
+    allow_empty: bool = setting(False, "an empty dataset (every record rejected) fails the build with exit 3 and "
+                                       "the ledger's top rules; true accepts it (a probe of a filter threshold)")
+    license: str | None = setting(None, "the dataset card's licence (a Hugging Face licence id such as "
+                                        "cc-by-4.0, or other); null: the sources' own, each listed in the card")
+
+    def check(self) -> list[str]:
+        if not self.output or "/" in self.output or self.output.startswith("."):
+            return [f"output: must be a plain folder name under the run directory, got {self.output!r}"]
+        return []
+
+
+def shard_path(name: str, partition: int, index: int, digest: str) -> str:
+    """A dataset file's path under the dataset folder: set, upstream partition, file of that partition,
+    and its digest. The digest makes the name content-addressed: two attempts write the same bytes
+    under the same name, and no attempt overwrites a file a manifest lists with other bytes."""
+    return f"{name}/part-{partition:05d}-{index:05d}-{digest[:DIGEST_CHARS]}.parquet"
+
+
+def rewritten_path(path: str, digest: str) -> str:
+    """The name of a file `path` rewritten with other bytes (`publish` dropping repeated ids)."""
+    return f"{path[:-len('-.parquet') - DIGEST_CHARS]}-{digest[:DIGEST_CHARS]}.parquet"
+
+
+def encode_parquet(table: pa.Table, compression: str) -> bytes:
+    """A dataset file's bytes, with the Hugging Face features in its schema metadata (see `parquet_metadata`)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(parquet_metadata()), sink, compression=compression)
+    return sink.getvalue().to_pybytes()
+
+
+def write_once(run: RunDir, rel: str, data: bytes) -> None:
+    """Write a content-addressed file unless it is there already with this size (same name, same bytes)."""
+    if run.fs.get_file_info(run.join(rel)).size != len(data):
+        run.write_atomic(rel, data)
+
+
+def read_run_config(fs: pafs.FileSystem, run_path: str) -> dict[str, Any] | None:
+    """The run directory's config.yaml (the resolved config of the build), None without one."""
+    path = posixpath.join(run_path, "config.yaml")
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return yaml.safe_load(io.BytesIO(stream.read()))
+
+
+def existing_manifest(fs: pafs.FileSystem, directory: str) -> dict[str, Any] | None:
+    """The dataset folder's manifest.json, None when it has none (or an unreadable one)."""
+    path = posixpath.join(directory, "manifest.json")
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        try:
+            manifest = json.loads(stream.read())
+        except ValueError:
+            return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def plan_nodes(run: RunDir) -> dict[str, Any]:
+    """plan.json's nodes (none without a plan: a stage run on its own, as in tests)."""
+    try:
+        return dict(json.loads(run.read_text("plan.json")).get("nodes") or {})
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def in_plan(run: RunDir, ctx: UnitContext) -> bool:
+    """Whether the run's plan.json names this unit's fingerprint for its node (true without a plan).
+    A straggler of a build whose config has since changed may commit its unit, but must not touch
+    the dataset folder, which is the current plan's."""
+    return (plan_nodes(run).get(ctx.stage) or {}).get("fingerprint", ctx.fingerprint) == ctx.fingerprint
+
+
+def remove_unlisted(run: RunDir, output: str, manifest: Mapping[str, Any] | None) -> None:
+    """Delete the split folders' files that `manifest` does not list, and the temporary folders that
+    earlier versions of the shard stage published through (`.<output>.tmp-*`, `.<output>.old-*`)."""
+    for rel in unlisted_files(listing(run.fs, run.join(output)), manifest):
+        run.delete(f"{output}/{rel}")
+    for info in run.fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith((f".{output}.tmp-", f".{output}.old-")):
+            run.fs.delete_dir(info.path)
+
+
+def dataset_problems(fs: pafs.FileSystem, directory: str, manifest: Mapping[str, Any],
+                     fingerprint: str | None = None) -> list[str]:
+    """Why the dataset folder is not exactly the one `manifest` describes (empty: it is): another
+    fingerprint than `fingerprint` (the plan's `publish` node) wrote it, it is partial, a listed file
+    is missing or has another size, or a split folder holds a file the manifest does not list (a
+    reader of the folder would read it too). Sizes only: `stgr inspect --verify` re-hashes the bytes."""
+    problems = []
+    if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+        problems.append(f"manifest.json: written by {manifest.get('node', 'publish')} fingerprint "
+                        f"{manifest.get('fingerprint')}, but the run's plan has {fingerprint}")
+    if manifest.get("partial"):
+        problems.append(f"manifest.json: a partial dataset, built without the units that did not commit "
+                        f"({', '.join(manifest['partial']['missing_units'])})")
+    files = listing(fs, directory)
+    for info in manifest.get("splits", {}).values():
+        for shard in info.get("shards", []):
+            size = files.get(shard["path"])
+            if size is None:
+                problems.append(f"{shard['path']}: listed in manifest.json but missing")
+            elif size != shard["bytes"]:
+                problems.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
+    problems += [f"{rel}: not listed in manifest.json" for rel in unlisted_files(files, manifest)]
+    return problems
+
 
 
 def count_rows(table: pa.Table, keys: list[str]) -> list[dict[str, Any]]:

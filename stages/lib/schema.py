@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 
 #: The published sets, in the order the dataset lists them: `stgr-cot` (SFT: reasoning traces to imitate)
 #: and `stgr-rl` (RL: questions with ground truth to reward against). One name each for the value of
@@ -110,6 +110,9 @@ PROVENANCE = pa.struct(
         ("build_id", pa.string()),
         # a list of pairs, not an Arrow map: `datasets` cannot load map columns
         ("stage_fingerprints", pa.list_(pa.struct([("stage", pa.string()), ("fingerprint", pa.string())]))),
+        # 2.1: the annotation cascade's tier that wrote the row (null outside a cascade, and in 2.0
+        # shards: `conform`'s cast adds the field)
+        ("tier", pa.int64()),
     ]
 )
 
