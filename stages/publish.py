@@ -46,6 +46,7 @@ from pipeline.registry import register_stage
 from pipeline.rundir import CorruptUnit, RunDir, Unit, invalidate, is_committed, read_verified_table
 from pipeline.stage import LEDGER_SCHEMA, Rejection, Stage, StageReport, StageResult, UnitContext
 from stages.lib.card import dataset_card
+from stages.lib.cost import cost_summary
 from stages.lib.dataset import (DIGEST_CHARS, SUMMARY_SCHEMA, DatasetConfig, count_rows, dataset_problems, encode_parquet,
                                 existing_manifest, in_plan, ledger_counts, listing, plan_nodes, read_ledger,
                                 read_run_config, remove_unlisted, rewritten_path, source_yield, write_once)
@@ -228,6 +229,7 @@ class PublishStage(Stage):
             "counts": {"task": count_rows(kept, ["split", "task"]), "source": count_rows(kept, ["split", "source"])},
             "ledger": ledger_counts(ledger),
             "yield": source_yield(run.fs, run.path, plan_nodes(run), kept, ledger),
+            "cost": cost_summary(run.fs, run.path, plan_nodes(run), kept.num_rows),
             "config": read_run_config(run.fs, run.path) or {ctx.stage: self.config},
             # original file -> the file rewritten without its repeated ids (null: no row was left), so
             # a later attempt of this unit whose original is deleted already reuses the rewritten one
