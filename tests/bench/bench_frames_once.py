@@ -67,7 +67,12 @@ def main() -> None:
     now = before = 0
     light_cpu = full_cpu = 0.0
     rows = 0
-    print(f"{'stage':<10} {'units':>5} {'stored once':>12} {'baseline':>12}")
+    records = sum(json.loads((run_dir / Unit("sample", plan["sample"]["fingerprint"], p).record).read_text())["rows_out"]
+                  for p in range(plan["sample"]["partitions"]))
+    print(f"{'stage':<10} {'units':>5} {'stored once':>12} {'baseline':>12} {'per record':>11}")
+    for node in ("source", "sample"):
+        size = _tree(run_dir / "stages" / node) + _tree(run_dir / "ledger" / node)
+        print(f"{node:<10} {plan[node]['partitions']:>5} {size:>12,} {size:>12,} {size / records:>11,.0f}")
     for node in AFTER_SAMPLE:
         info = plan.get(node)
         if info is None:
@@ -83,9 +88,10 @@ def main() -> None:
                 rows += read_input(run, upstream, ()).table.num_rows
                 light_cpu += _best_cpu(lambda: read_input(run, upstream, ()))
                 full_cpu += _best_cpu(lambda: read_input(run, upstream, ("frames",)))
-        print(f"{node:<10} {info['partitions']:>5} {node_now:>12,} {node_before:>12,}")
+        print(f"{node:<10} {info['partitions']:>5} {node_now:>12,} {node_before:>12,} {node_now / records:>11,.0f}")
         now, before = now + node_now, before + node_before
-    print(f"dataset {dataset:,} bytes; {args.videos} videos, {rows} records after align")
+    print(f"dataset {dataset:,} bytes ({dataset / records:,.0f} per record); {args.videos} videos, {records} records "
+          f"sampled, {rows} after align")
     print(f"stages after sample / dataset: stored once {now / dataset:.2f}, baseline {before / dataset:.2f} "
           f"(ratio baseline / stored once {before / now:.1f})")
     print(f"filter input read, CPU per record: light {1e3 * light_cpu / max(rows, 1):.3f} ms, "
