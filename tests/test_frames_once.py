@@ -10,11 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,13 +28,6 @@ from tests.storage_util import dataset_rows, plan_fingerprint
 
 VIDEOS = 3
 AFTER_SAMPLE = ("annotate", "align", "filter")
-
-
-@pytest.fixture(scope="module")
-def ray_tmp() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
