@@ -168,6 +168,11 @@ def test_the_tiny_model_then_the_template_every_record_written_by_tier_2(tmp_pat
     assert {r["id"] for r in node_rows(run, "escalate_t1")} == ids
     assert all(r["stage"] == "filter_t1" and r["reason"] for r in ledger_rows(run, "filter_t1"))
     assert ledger_rows(run, "filter_t2") == []
+    # the manifest's yield: every record kept once, none rejected, though tier 1's rule counts stay
+    manifest = json.loads((run / "dataset" / "manifest.json").read_text())
+    (synthetic,) = manifest["yield"]["sources"]
+    assert (synthetic["kept"], synthetic["rejected"]) == (len(ids), 0)
+    assert sum(r["records"] for r in manifest["yield"]["rules"] if r["stage"] == "filter_t1") >= len(ids)
 
     # the cost ledger: tier 1's calls and the tokens its processor counted, per tier and in total
     records = [json.loads(text) for path, text in commit_records(run).items() if "/annotate_t1/" in path]

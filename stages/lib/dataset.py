@@ -253,7 +253,11 @@ def _seed_sources(fs: pafs.FileSystem, run_path: str, plan_nodes: Mapping[str, M
 def source_yield(fs: pafs.FileSystem, run_path: str, plan_nodes: Mapping[str, Mapping[str, Any]],
                  table: pa.Table, ledger: pa.Table) -> dict[str, list[dict[str, Any]]]:
     """Per source: the records it produced, how many `table` (the dataset) kept and how many distinct
-    records were rejected; per (source, stage, rule): the records that rule rejected.
+    records were rejected and not kept; per (source, stage, rule): the records that rule rejected.
+
+    A record rejected and then kept (a cascade's tier 1 rejected it, a later tier's answer passed)
+    counts as kept once, so kept + rejected is the number of records; its tier-1 rejection still
+    counts under that rule.
 
     A ledger row names a record id, not its source: the source is looked up in the source nodes'
     committed outputs (`plan_nodes`: plan.json's nodes), then in `table`. A rejection whose record
@@ -262,13 +266,15 @@ def source_yield(fs: pafs.FileSystem, run_path: str, plan_nodes: Mapping[str, Ma
     """
     seeds = _seed_sources(fs, run_path, plan_nodes)
     origin = {**seeds, **dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist()))}
+    kept_ids = set(table.column("id").to_pylist())
     rejected: dict[str, set[str]] = {}
     by_rule: dict[tuple[str, str, str], set[str]] = {}
     columns = (ledger.column(c).to_pylist() for c in ("id", "stage", "rule"))
     for row, (rid, stage, rule) in enumerate(zip(*columns)):
         source = origin.get(rid) or "unknown"
         key = rid if rid is not None else f"ledger row {row}"  # an id-less row is a record of its own
-        rejected.setdefault(source, set()).add(key)
+        if rid not in kept_ids:
+            rejected.setdefault(source, set()).add(key)
         by_rule.setdefault((source, stage, rule), set()).add(key)
     kept = Counter(s or "unknown" for s in table.column("source").to_pylist())
     produced = Counter(s or "unknown" for s in seeds.values())
