@@ -213,9 +213,9 @@ def expand_dag(dag: Mapping[str, dict[str, Any]],
                config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The DAG after each stage's plan-time rewrite of its part, and the config blocks the rewrites add.
 
-    A stage class may define `expand_dag(node, dag, config)`, returning None (nothing to rewrite) or
-    the whole rewritten DAG plus new config blocks by config key (`annotator.tiers.0`), which the new
-    nodes name in `config:`. Why at plan time: the nodes a rewrite adds are ordinary nodes, so resume,
+    Each node's stage class is asked (`Stage.expand_dag(node, dag, config)`), which returns None
+    (nothing to rewrite) or the whole rewritten DAG plus new config blocks by config key
+    (`annotator.tiers.0`), which the new nodes name in `config:`. Why at plan time: the nodes a rewrite adds are ordinary nodes, so resume,
     fingerprints and exactly-once hold for each of them, while the stored config (config.yaml) keeps
     what the user wrote and a resume expands it again the same way (annotate's cascade: one annotate
     -> align -> filter chain per tier). Only the nodes of the DAG as written are asked; a node naming
@@ -224,8 +224,8 @@ def expand_dag(dag: Mapping[str, dict[str, Any]],
     out, blocks = dict(dag), {}
     for node, spec in dag.items():
         name = spec.get("stage")
-        expand = getattr(STAGES[name], "expand_dag", None) if isinstance(name, str) and name in STAGES else None
-        rewritten = expand(node, out, config) if expand is not None and node in out else None
+        known = isinstance(name, str) and name in STAGES and node in out
+        rewritten = STAGES[name].expand_dag(node, out, config) if known else None
         if rewritten is not None:
             out, added = rewritten
             blocks.update(added)

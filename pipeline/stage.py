@@ -205,6 +205,14 @@ class Stage(ABC):
         return [(f"stage '{cls.name}'", cls.Config)]
 
     @classmethod
+    def expand_dag(cls, node: str, dag: Mapping[str, Mapping[str, Any]],
+                   config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]] | None:
+        """Rewrite this stage's part of the DAG at plan time: None (the default) leaves it as it is;
+        else the whole rewritten DAG and the config blocks its new nodes name, by config key
+        (annotate's cascade: one annotate -> align -> filter chain per tier; see pipeline.config.expand_dag)."""
+        return None
+
+    @classmethod
     def validate_config(cls, config: Mapping[str, Any]) -> list[str]:
         """Problems as `key: message` strings (an empty list means valid): every declared setting's
         type, bounds and presence, then every key nothing declares."""

@@ -217,8 +217,8 @@ class AnnotateStage(Stage):
     @classmethod
     def expand_dag(cls, node: str, dag: Mapping[str, Mapping[str, Any]],
                    config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]] | None:
-        """The engine's plan-time hook (pipeline.config.expand_dag): a block with `tiers` is a cascade,
-        expanded by `cascade_dag`; any other block leaves the DAG as it is."""
+        """A block with `tiers` is a cascade, expanded by `cascade_dag`; any other block leaves the DAG
+        as it is."""
         key = dag[node].get("config", node)
         block = config.get(key)
         if not isinstance(block, Mapping) or "tiers" not in block:
