@@ -43,12 +43,17 @@ for no call twice. A tier's node writes its number to `provenance.tier` and to i
 """
 from __future__ import annotations
 
+import copy
+import functools
 from functools import cached_property
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import pyarrow as pa
 
+from omegaconf import OmegaConf
+
+from pipeline.config import CONF_DIR
 from pipeline.errors import ConfigError
 from pipeline.registry import register_stage
 from pipeline.settings import Settings, setting
@@ -114,11 +119,32 @@ def tier_chain(node: str, dag: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return chain
 
 
+@functools.lru_cache(maxsize=None)
+def _backend_file(backend: str) -> tuple[tuple[str, Any], ...]:
+    """The settings `conf/annotator/<backend>.yaml` itself sets (vllm: `num_gpus: 1`, `batch_size: 64`),
+    beyond the typed defaults it composes; none for a backend without a file (a plugin's)."""
+    path = CONF_DIR / "annotator" / f"{backend}.yaml"
+    if not path.is_file():
+        return ()
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return tuple((k, v) for k, v in own.items() if k not in ("defaults", "backend"))
+
+
+def tier_block(shared: Mapping[str, Any], entry: Mapping[str, Any], tier: int) -> dict[str, Any]:
+    """A tier's annotator block: the cascade's settings, then those its backend's file sets where the
+    cascade leaves the annotate default, then the entry's own (its backend's other defaults are filled
+    when the block is checked). So `{backend: vllm, model: m}` gets vllm's `num_gpus: 1`, and
+    `annotator.batch_size=8` on the cascade is every tier's unless a tier says otherwise."""
+    defaults = AnnotateStage.Config.defaults()
+    from_file = {k: copy.deepcopy(v) for k, v in _backend_file(str(entry.get("backend")))
+                 if k not in shared or (k in defaults and shared[k] == defaults[k])}
+    return {**shared, **from_file, **entry, "tier": tier}
+
+
 def cascade_dag(node: str, key: str, dag: Mapping[str, Mapping[str, Any]],
                 config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The DAG with `node`'s chain (`tier_chain`) repeated once per entry of `config[key]["tiers"]`,
-    as `<name>_t<k>`, and each tier's config block (`<key>.tiers.<k-1>`: the cascade's shared
-    settings, then the entry's, then `tier: k`).
+    as `<name>_t<k>`, and each tier's config block (`<key>.tiers.<k-1>`: `tier_block`).
 
     Tier 1 reads what `node` read; tier k+1 reads `escalate_t<k>`, a filter node on the filter's input
     with the filter's settings and `output: rejected` (block `<filter key>@escalate`): the records that
@@ -153,7 +179,7 @@ def cascade_dag(node: str, key: str, dag: Mapping[str, Mapping[str, Any]],
         tier_key = f"{key}.tiers.{k - 1}"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{tier_key}: expected an annotator config with its backend, got {entry!r}")
-        blocks[tier_key] = {**shared, **entry, "tier": k}
+        blocks[tier_key] = tier_block(shared, entry, k)
         for name in chain:
             add(f"{name}_t{k}", {"stage": dag[name]["stage"], "after": upstream,
                                  "config": tier_key if name == node else dag[name].get("config", name)})

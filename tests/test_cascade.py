@@ -72,6 +72,19 @@ def test_the_plan_repeats_annotate_align_filter_per_tier_and_shard_reads_every_t
     assert {n: s.fingerprint for n, s in resumed.items()} == {n: s.fingerprint for n, s in states.items()}
 
 
+def test_a_tier_takes_what_its_backends_file_sets_unless_the_cascade_or_the_entry_says_otherwise():
+    """conf/annotator/vllm.yaml sets num_gpus 1 and batch_size 64: a vllm tier gets them, as
+    `annotator=vllm` would; the tier's entry overrides them, and so does a setting given the cascade."""
+    tiers = "annotator.tiers=[{backend: vllm, model: m}, {backend: vllm, model: m, num_gpus: 2, batch_size: 4}]"
+    plan = compose_plan(["annotator=cascade", tiers])
+    vllm = compose_plan(["annotator=vllm", "annotator.model=m"]).nodes["annotate"].config
+    first, second = plan.nodes["annotate_t1"].config, plan.nodes["annotate_t2"].config
+    assert (first["num_gpus"], first["batch_size"]) == (vllm["num_gpus"], vllm["batch_size"]) == (1, 64)
+    assert (second["num_gpus"], second["batch_size"]) == (2, 4)
+    shared = compose_plan(["annotator=cascade", "annotator.batch_size=16", tiers]).nodes["annotate_t1"].config
+    assert (shared["num_gpus"], shared["batch_size"]) == (1, 16)
+
+
 def test_a_build_without_a_cascade_keeps_its_dag():
     plan = compose_plan()
     assert list(plan.nodes) == list(compose()["dag"]) and plan.nodes["shard"].after == ["filter"]
