@@ -119,6 +119,9 @@ def test_bad_jsonl_lines_cost_one_row_each_and_a_failed_partition_costs_no_datas
                 (name, "line 10"): ("source", "media_outside_video_dir", f"resolves to {tmp_path / 'outside.mp4'}"),
                 (None, "g1"): ("publish", "duplicate_id", "the first partition's record is kept")}  # lines 1 and 8
     assert set(rows) == set(expected)
+    # `stgr inspect RUN` counts the same ledger, publish's repeat across partitions included
+    assert sorted((r["stage"], r["rule"]) for r in locate(str(run)).ledger().to_pylist()) == sorted(
+        stage_rule[:2] for stage_rule in expected.values())
     for key, (stage, rule, says) in expected.items():
         [row] = rows[key]
         assert (row["stage"], row["rule"]) == (stage, rule) and says in row["reason"], row

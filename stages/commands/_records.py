@@ -152,7 +152,7 @@ def _run(uri: str, fs: pafs.FileSystem, path: str) -> Located:
             candidate = posixpath.join(path, "dataset")
             if _kind(fs, posixpath.join(candidate, "manifest.json")) == pafs.FileType.File:
                 located = _dataset(uri, fs, candidate)
-                located.ledger_units = {k: v for k, v in fingerprints.items() if k != name}
+                located.ledger_units = dict(fingerprints)  # publish ledgers repeats across partitions
                 return located
     downstream = {u for node in nodes.values() for u in node.get("after", [])}
     sinks = [name for name in nodes if name not in downstream]
