@@ -52,7 +52,9 @@ def submit(run_dir: str, arguments: Sequence[str], address: str | None = None, p
 
 
 def follow(run: RunDir) -> int:
-    """Print the job's log until it ends; exit code 0 only if the job succeeded."""
+    """Print the job's log until it ends; the build's own exit code (3 for an empty dataset, 1 for
+    failed units), so a script that follows a submitted build reads what a local build would say;
+    1 when the job failed without one (stopped, or its driver died)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     if not run.exists("job.json"):
@@ -65,5 +67,8 @@ def follow(run: RunDir) -> int:
             print(chunk, end="", flush=True)
 
     asyncio.run(tail())
-    status = client.get_job_status(job["job_id"])
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    info = client.get_job_info(job["job_id"])
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    code = info.driver_exit_code
+    return code if isinstance(code, int) and code > 0 else 1

@@ -16,6 +16,7 @@ import pytest
 
 from tests.engine_util import (REPO, build_cmd, expected_threshold_rows, kill_session, node_rows, run_stgr, stgr,
                                wait_for_commits)
+from tests.test_build_outcome import REJECT_ALL
 
 
 def _free_port() -> int:
@@ -84,6 +85,14 @@ def test_submit_runs_the_build_as_a_ray_job(tmp_path: Path) -> None:
         assert rows == expected_threshold_rows(partitions=4)
         leaked = [p for p in run.rglob("*") if p.is_file() and b"hunter2-secret" in p.read_bytes()]
         assert not leaked, f"the secret was written to {leaked}"
+
+        # a submitted build that ends with an empty dataset: --follow exits 3, as the build does
+        empty = tmp_path / "empty"
+        code, out = run_stgr("build", "--run", str(empty), "source.num_videos=1", *REJECT_ALL, "--submit",
+                             env={"RAY_ADDRESS": address})
+        assert code == 0, out
+        code, log = run_stgr("build", "--run", str(empty), "--follow", timeout=300)
+        assert code == 3 and "is empty (0 rows)" in log, log[-3000:]
     finally:
         kill_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
