@@ -81,10 +81,10 @@ def test_two_identical_builds_exit_0(runs: dict[str, Path]) -> None:
     result = json.loads(out)
     assert_identical(result)
     assert result["old"]["rows"] == result["new"]["rows"] == len(dataset(runs["a"])) > 0
-    assert result["cost"] == {"old": None, "new": None}
+    assert result["cost"]["old"] == result["cost"]["new"] == {"total_usd": 0.0, "per_kept_row_usd": 0.0}
     code, text = run_stgr("diff", str(runs["a"]), str(runs["same"]))
     assert code == 0 and text.rstrip().endswith("identical"), text
-    assert "rows: 0 added, 0 dropped, 0 changed" in text and "cost: no cost ledger" in text
+    assert "rows: 0 added, 0 dropped, 0 changed" in text and "cost (USD)" in text
 
 
 # -- (b) one threshold changed ---------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def test_sample_embeds_frames_at_the_size_every_pixel_reading_annotator_sends() 
     backends = BACKENDS
     for path in sorted((REPO / "conf" / "annotator").glob("*.yaml")):
         config = annotator_config(path.stem)
+        if config["backend"] == "cascade":  # not a backend: its tiers are annotator configs of their own
+            continue
         if backends[config["backend"]].needs_pixels:
             assert config["image_max_side"] == side, path.name
         else:
