@@ -277,7 +277,7 @@ def execute_passes(run: RunDir, plan: BuildPlan, states: dict[str, NodeState], b
         damaged = [u for u, error in outcome.failed.items() if error.startswith(f"{CorruptUnit.__name__}:")]
         if not publish_products(run, plan, states, build_id) and not damaged:
             break
-        log.warning("damaged units were invalidated: running the build again to recompute them")
+        log.warning("units with damaged or missing files were invalidated: running the build again to recompute them")
     settled = committed - set(outcome.failed) - outcome.pending
     return Outcome(committed=settled, reused=(reused or set()) - committed, failed=outcome.failed,
                    pending=outcome.pending, partial=publish_partial(run, plan, states, outcome.pending, build_id))

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -40,7 +41,7 @@ def _tree(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _best_cpu(fn, repeats: int = 3) -> float:
+def _best_cpu(fn: Callable[[], object], repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.process_time()
