@@ -25,7 +25,7 @@ vllm = pytest.importorskip("vllm")
 from pipeline.testing import unit_context  # noqa: E402
 from stages.annotate import AnnotateStage  # noqa: E402
 from stages.lib.media import FrameReader  # noqa: E402
-from stages.lib.schema import to_table  # noqa: E402
+from stages.lib.schema import frame_image, to_table  # noqa: E402
 from tests.test_annotate import annotator_config, jpeg, seed_record  # noqa: E402
 
 
@@ -48,7 +48,8 @@ def records(n: int) -> list[dict]:
     out = []
     for i in range(n):
         record = seed_record(f"v{i}", tasks[i % 3])
-        record["frames"] = [dict(f, jpeg=jpeg(100 * i + k, size=(112, 84))) for k, f in enumerate(record["frames"][:4])]
+        record["frames"] = [dict(f, image=frame_image(jpeg(100 * i + k, size=(112, 84))))
+                            for k, f in enumerate(record["frames"][:4])]
         out.append(record)
     return out
 
@@ -71,6 +72,9 @@ def test_vllm_engine_annotates_with_video_metadata_and_images(tmp_path, vllm_tin
     assert all(isinstance(r["response"], str) for r in rows)
     assert {r["provenance"]["annotator"] for r in rows} == {"vllm"}
     assert calls == [6]  # one engine call for the whole batch
+    # the cost ledger counts the engine's own prompt and generated token ids, and the images sent
+    assert result.cost["calls"] == 6 and result.cost["input_tokens"] > 0 and result.cost["output_tokens"] > 0
+    assert result.cost["images"] == 6 * 4
 
     # what vLLM got: one video whose metadata places the frames at their source indices
     request = stage.request_for(batch[0], FrameReader(112))
