@@ -380,21 +380,18 @@ def has_ledger(record: dict[str, Any]) -> bool:
     return record.get("ledger", "") is not None
 
 
-def read_verified(run: RunDir, unit: Unit, ledger: bool = False) -> bytes:
+def read_verified(run: RunDir, unit: Unit, ledger: bool = False, record: dict[str, Any] | None = None) -> bytes:
     """A committed unit's data (or ledger) file, checked against the sha256 in its commit record.
 
     Raises CorruptUnit naming the file when the record is gone or unreadable, the file is missing, or
     its bytes differ. Records written before digests were kept are trusted as they are. The ledger of
     a unit that rejected nothing has no file: it reads as `empty_ledger()` (a file left there by an
-    earlier attempt is not the committed ledger, and is not read).
+    earlier attempt is not the committed ledger, and is not read). `record`: the unit's commit record
+    where the caller has read it already (`verified_record`), so it is not fetched twice.
     """
     rel = unit.ledger if ledger else unit.data
-    try:
-        record = json.loads(run.read_text(unit.record))
-    except FileNotFoundError:
-        raise CorruptUnit(unit, f"{run.uri}/{unit.record}", "no commit record (the unit was invalidated)") from None
-    except ValueError as exc:
-        raise CorruptUnit(unit, f"{run.uri}/{unit.record}", f"commit record is not valid JSON ({exc})") from None
+    if record is None:
+        record = verified_record(run, unit)
     if ledger and not has_ledger(record):
         return empty_ledger()
     try:
@@ -409,9 +406,20 @@ def read_verified(run: RunDir, unit: Unit, ledger: bool = False) -> bytes:
     return data
 
 
-def read_verified_table(run: RunDir, unit: Unit, ledger: bool = False) -> tuple[pa.Table, str]:
+def verified_record(run: RunDir, unit: Unit) -> dict[str, Any]:
+    """A committed unit's commit record; CorruptUnit when it is gone (invalidated) or not JSON."""
+    try:
+        return json.loads(run.read_text(unit.record))
+    except FileNotFoundError:
+        raise CorruptUnit(unit, f"{run.uri}/{unit.record}", "no commit record (the unit was invalidated)") from None
+    except ValueError as exc:
+        raise CorruptUnit(unit, f"{run.uri}/{unit.record}", f"commit record is not valid JSON ({exc})") from None
+
+
+def read_verified_table(run: RunDir, unit: Unit, ledger: bool = False,
+                        record: dict[str, Any] | None = None) -> tuple[pa.Table, str]:
     """`read_verified` decoded as Parquet, and the file's sha256; an undecodable file is CorruptUnit too."""
-    data = read_verified(run, unit, ledger)
+    data = read_verified(run, unit, ledger, record)
     try:
         return pq.read_table(pa.BufferReader(data)), sha256(data)
     except (pa.ArrowException, OSError) as exc:

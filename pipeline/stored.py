@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.registry import STAGES
-from pipeline.rundir import RunDir, Unit, read_commit, read_verified, read_verified_table
+from pipeline.rundir import RunDir, Unit, read_verified, read_verified_table, verified_record
 
 #: A commit record's `stored` entry: column -> the unit holding its bulk, {"stage", "node",
 #: "fingerprint", "partition"}; a unit that stores the column names itself.
@@ -63,8 +63,9 @@ def read_input(run: RunDir, unit: Unit, full: Iterable[str] | None) -> Input:
     """A committed unit's verified table with the stored columns in `full` (None: all of them) put
     back whole, its file's sha256, and its `stored` entry. Raises CorruptUnit (naming the damaged
     unit, the bulk's holder included) or StoredError."""
-    table, digest = read_verified_table(run, unit)
-    stored: Stored = dict((read_commit(run, unit) or {}).get("stored") or {})
+    record = verified_record(run, unit)
+    table, digest = read_verified_table(run, unit, record=record)
+    stored: Stored = dict(record.get("stored") or {})
     names = stored if full is None else full
     wanted = [c for c in names if c in stored and c in table.column_names and _is_light(unit, stored[c])]
     by_holder: dict[Unit, list[str]] = {}

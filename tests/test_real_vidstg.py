@@ -8,11 +8,13 @@ file's boxes at the cited times.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from stages.lib import evidence
 from tests.engine_util import run_stgr
@@ -59,6 +61,25 @@ def test_readme_vidstg_example_gives_temporal_rows(fixtures_dir: Path, tmp_path:
     for answer, span in zip(rows.answer, rows.answer_span):
         assert evidence.parse_time_span(answer) == pytest.approx(list(span), abs=0.01)
     assert "dataset" in out and "temporal" in out  # the closing summary names the dataset and its tasks
+    _assert_frames_stored_once(tmp_path / "run", rows)
+
+
+def _assert_frames_stored_once(run: Path, rows: pd.DataFrame) -> None:
+    """The real clips' JPEGs are in `sample`'s files and in the dataset, byte for byte, and in no other
+    stage's file (frames stored once, docs/stages.md)."""
+    def jpegs(frame: pd.DataFrame) -> dict[str, list[bytes | None]]:
+        return {rid: [(f["image"] or {}).get("bytes") for f in frames] for rid, frames in zip(frame.id, frame.frames)}
+
+    sampled = jpegs(pd.concat([pd.read_parquet(f) for f in sorted((run / "stages" / "sample").rglob("part-*.parquet"))]))
+    published = jpegs(rows)
+    assert published == {rid: sampled[rid] for rid in published}
+    assert all(j and all(j) for j in published.values())
+    # the 640 x 360 and 640 x 480 clips at the annotators' 448 px
+    assert {Image.open(io.BytesIO(j[0])).size for j in published.values()} == {(448, 252), (448, 336)}
+    for node in ("annotate", "align", "filter"):
+        for path in sorted((run / "stages" / node).rglob("part-*.parquet")):
+            frames = [f for row in pd.read_parquet(path, columns=["frames"]).frames for f in row]
+            assert frames and all(f["image"] is None for f in frames), path
 
 
 def _box(tid: int, fid: int) -> dict[str, float]:
