@@ -6,7 +6,8 @@ actor pool of `--actors`, units finishing after a random duration (so completion
 order), one unit in `--fail-every` failing its first attempt. Timed: building the core (numbering
 the units, counting their inputs, indexing their readers) and every dispatch / finished / fail
 call; the simulated cluster's own event queue is timed too (a heap, as cheap as the core's). A
-linear core gives a ratio near 10.
+linear core gives a ratio near 10. It also prints the core's memory for the default DAG's shape at 6N
+and 60N units (tracemalloc peak of building it: what the driver holds per unit).
 
     python tests/bench/bench_scheduler.py [--units 10000] [--factor 10] [--repeats 3]
 """
@@ -18,6 +19,7 @@ import os
 import random
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +59,22 @@ def simulate(units: int, slots: int, actors: int, fail_every: int, seed: int = 0
     return cpu, done, failures
 
 
+def state_bytes(units: int) -> int:
+    """tracemalloc peak of building the core for a default-shaped DAG of about `units` units (source,
+    five maps, the publish barrier): what the driver holds per unit before any runs."""
+    partitions = max(1, (units - 1) // 6)
+    names = ["source", "sample", "annotate", "align", "filter", "shard"]
+    states = {n: NodeState(n, n, f"fp-{n}", partitions, names[i - 1:i], n == "annotate", False)
+              for i, n in enumerate(names)}
+    states["publish"] = NodeState("publish", "publish", "fp-publish", 1, ["shard"], False, True)
+    tracemalloc.start()
+    sched = Scheduler(states, 64, {"annotate": 8}, max_attempts=3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del sched
+    return peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--units", type=int, default=10_000, help="N: units of the smaller build")
@@ -75,6 +93,9 @@ def main() -> None:
         print(f"units={done:8d}  CPU {cpu:7.3f} s  {1e6 * cpu / done:6.1f} us/unit  ({failures} failed attempts)")
     small, large = results[args.units][0], results[args.factor * args.units][0]
     print(f"ratio CPU {args.factor}N/N: {large / small:.2f}")
+    for units in (6 * args.units, 6 * args.factor * args.units):
+        peak = state_bytes(units)
+        print(f"default DAG, {units:8d} units: core state {peak / 2**20:6.1f} MiB peak, {peak / units:.0f} B/unit")
 
 
 if __name__ == "__main__":
