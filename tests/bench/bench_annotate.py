@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from pipeline.config import compose  # noqa: E402
@@ -83,8 +84,11 @@ def main() -> int:
         scratch = Path(tmp)
         large = sampled(scratch / "large", args.copies, jpeg_max_side=640)
         default = sampled(scratch / "default", args.copies)
-        frames = sum(len(f) for f in default.column("frames").to_pylist()) / default.num_rows
-        print(f"{default.num_rows} records, {frames:.1f} frames each; sample.jpeg_max_side "
+        frames = pc.list_value_length(default.column("frames"))
+        jpeg = pc.binary_length(pc.struct_field(pc.list_flatten(default.column("frames")), ["image", "bytes"]))
+        per_record = pc.mean(frames).as_py()
+        print(f"{default.num_rows} records, {per_record:.1f} frames each of {pc.mean(jpeg).as_py() / 1e3:.1f} KB "
+              f"({pc.sum(jpeg).as_py() / default.num_rows / 1e3:.0f} KB of JPEG per record); sample.jpeg_max_side "
               f"{config('sample')['jpeg_max_side']} by default, annotators send 448")
         TemplateBackend.needs_pixels = True
         try:
